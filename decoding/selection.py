@@ -1,0 +1,48 @@
+"""Select tokens from log q: greedy argmax or seeded sampling, one choice per row."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class TokenChoice:
+    """One new token for one hypothesis. `parent` indexes the request's hypotheses before the step."""
+
+    parent: int
+    token_id: int
+    logprob: float | None  # log q of the chosen token; None on the greedy fast path
+    rank: int | None  # 1 = the most likely token under q
+    top_logprobs: list[tuple[int, float]]  # the k best (token, log q) when logprobs=k was asked
+    raw_logprob: float | None = None  # log_softmax of the main stream, for return_decoding_info
+
+
+def sample_rows(probs: torch.Tensor, is_greedy: torch.Tensor, generators: list) -> torch.Tensor:
+    """(R, V) probabilities -> (R,) token ids. Rows sharing a generator are drawn in row order.
+
+    NOTE: a seeded request owns its generator, so its draws do not depend on the rest of the batch.
+    """
+    tokens = probs.argmax(dim=-1)
+    unseeded = [i for i, g in enumerate(generators) if g is None and not is_greedy[i]]
+    if unseeded:
+        idx = torch.tensor(unseeded, device=probs.device)
+        tokens[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
+    for gen in {id(g): g for g in generators if g is not None}.values():
+        rows = [i for i, g in enumerate(generators) if g is gen and not is_greedy[i]]
+        if rows:
+            idx = torch.tensor(rows, device=probs.device)
+            tokens[idx] = torch.multinomial(probs[idx], 1, generator=gen).squeeze(1)
+    return tokens
+
+
+def describe(logq: torch.Tensor, tokens: torch.Tensor, num_top: list[int]) -> list[tuple[float, int, list]]:
+    """Per row: (log q of the token, its rank, the num_top[i] best alternatives)."""
+    chosen = logq.gather(1, tokens[:, None]).squeeze(1)
+    ranks = (logq > chosen[:, None]).sum(dim=-1) + 1
+    k = max(num_top, default=0)
+    top_vals, top_ids = logq.topk(k, dim=-1) if k else (None, None)
+    result = []
+    for i in range(logq.shape[0]):
+        top = list(zip(top_ids[i, : num_top[i]].tolist(), top_vals[i, : num_top[i]].tolist())) if num_top[i] else []
+        result.append((chosen[i].item(), int(ranks[i]), top))
+    return result

@@ -1,0 +1,51 @@
+"""Engine configuration: one frozen dataclass, validated with messages that name the field."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    served_name: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_gib: float = 2.0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    seed: int = 0
+    show_progress: bool = True
+
+    def __post_init__(self):
+        checks = [
+            ("block_size", self.block_size in (8, 16, 32, 64, 128), "one of 8, 16, 32, 64, 128"),
+            ("num_blocks", self.num_blocks is None or self.num_blocks > 0, "a positive integer"),
+            ("kv_cache_memory_gib", self.kv_cache_memory_gib > 0, "> 0"),
+            ("max_num_seqs", self.max_num_seqs > 0, "a positive integer"),
+            ("max_num_batched_tokens", self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
+             "a positive integer"),
+            ("max_model_len", self.max_model_len is None or self.max_model_len > 1, "an integer > 1"),
+            ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+            ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}; got {getattr(self, name)!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device is 'cuda' but no CUDA device is available")
+        return torch.device(self.device)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return self.max_num_batched_tokens or max(2048, self.max_num_seqs)

@@ -1,0 +1,53 @@
+"""Incremental detokenization that never emits a broken UTF-8 character, and stop strings.
+
+Text is produced by decoding a short window of ids twice (with and without the newest tokens)
+and emitting the difference, so a multi-byte character split over tokens waits until complete.
+"""
+
+from dataclasses import dataclass, field
+
+# Prompt tokens kept as left context, so a word-initial space decodes the same as in a full decode.
+CONTEXT_TOKENS = 6
+
+
+@dataclass(slots=True)
+class IncrementalDetokenizer:
+    tokenizer: object
+    skip_special_tokens: bool
+    ids: list[int] = field(default_factory=list)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @classmethod
+    def for_prompt(cls, tokenizer, prompt_ids: list[int], skip_special_tokens: bool) -> "IncrementalDetokenizer":
+        ids = list(prompt_ids[-CONTEXT_TOKENS:])
+        return cls(tokenizer, skip_special_tokens, ids, 0, len(ids))
+
+    def fork(self) -> "IncrementalDetokenizer":
+        return IncrementalDetokenizer(self.tokenizer, self.skip_special_tokens, list(self.ids),
+                                      self.prefix_offset, self.read_offset)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the newly complete text (possibly empty)."""
+        self.ids.append(token_id)
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
+        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
+        new_text = decode(self.ids[self.prefix_offset :])
+        if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return new_text[len(prefix_text) :]
+
+
+def find_stop(text: str, num_new_chars: int, stops: list[str]) -> tuple[int, str] | None:
+    """The earliest stop string that ends inside the last num_new_chars characters.
+
+    Returns (index where it starts, the stop string), or None.
+    """
+    best = None
+    for stop in stops:
+        start = max(0, len(text) - num_new_chars - len(stop) + 1)
+        idx = text.find(stop, start)
+        if idx != -1 and (best is None or idx < best[0]):
+            best = (idx, stop)
+    return best

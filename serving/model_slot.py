@@ -1,0 +1,83 @@
+"""A loaded model under a served name, with its tokenizer, KV block pool and runner."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from counterpoint.serving.attention import KVCache
+from counterpoint.serving.block_pool import BlockPool
+from counterpoint.serving.config import EngineConfig
+from counterpoint.serving.kv_manager import KVManager
+from counterpoint.serving.model_runner import ModelRunner
+from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
+from counterpoint.serving.models.llama import LlamaForCausalLM
+
+
+@dataclass
+class ModelSlot:
+    name: str
+    path: Path
+    model: LlamaForCausalLM
+    tokenizer: object
+    eos_ids: tuple[int, ...]
+    max_model_len: int
+    kv: KVManager
+    runner: ModelRunner
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.shape.vocab_size
+
+
+def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
+    path = Path(path)
+    device = config.torch_device
+    hf_config = read_hf_config(path)
+    dtype = resolve_dtype(config.dtype, hf_config, device)
+    max_model_len = _max_model_len(hf_config, config)
+    model = load_model(path, dtype, device, max_model_len, show_progress=config.show_progress)
+    num_blocks = _num_blocks(model, dtype, config, max_model_len)
+    s = model.shape
+    cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)
+    backend = "torch" if config.attention_backend == "auto" else config.attention_backend
+    pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return ModelSlot(
+        name=name, path=path, model=model, tokenizer=tokenizer,
+        eos_ids=_eos_ids(path, hf_config, tokenizer), max_model_len=min(max_model_len, num_blocks * config.block_size),
+        kv=KVManager(pool), runner=ModelRunner(model, cache, backend, device),
+    )
+
+
+def _max_model_len(hf_config, config: EngineConfig) -> int:
+    limit = hf_config.max_position_embeddings
+    window = getattr(hf_config, "sliding_window", None)
+    if hf_config.model_type == "mistral" and window:
+        limit = min(limit, window)  # NOTE: no sliding-window attention yet, so stay inside the window
+    if config.max_model_len is None:
+        return limit
+    if config.max_model_len > limit:
+        raise ValueError(f"max_model_len must be <= {limit} for this model; got {config.max_model_len}")
+    return config.max_model_len
+
+
+def _num_blocks(model: LlamaForCausalLM, dtype: torch.dtype, config: EngineConfig, max_model_len: int) -> int:
+    if config.num_blocks is not None:
+        return config.num_blocks
+    bytes_per_block = model.shape.kv_bytes_per_token * config.block_size * torch.finfo(dtype).bits // 8
+    by_memory = int(config.kv_cache_memory_gib * 2**30 // bytes_per_block)
+    # No point holding more than every sequence at full length could use.
+    enough = config.max_num_seqs * -(-max_model_len // config.block_size)
+    return max(1, min(by_memory, enough))
+
+
+def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    gen_file = path / "generation_config.json"
+    for source in (json.loads(gen_file.read_text()) if gen_file.is_file() else {}, hf_config.to_dict()):
+        value = source.get("eos_token_id")
+        ids += value if isinstance(value, list) else [value] if value is not None else []
+    return tuple(dict.fromkeys(ids))

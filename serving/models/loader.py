@@ -1,0 +1,77 @@
+"""Load a Llama-family model from a local Hugging Face directory (config.json + safetensors)."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import AutoConfig
+
+from counterpoint.serving.models.llama import LlamaForCausalLM, LlamaShape
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def read_hf_config(path: str | Path):
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model directory: config.json not found")
+    return AutoConfig.from_pretrained(path)
+
+
+def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
+    """`auto` keeps the checkpoint's dtype, except float16 on the CPU, which runs in float32."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+        return DTYPES[name]
+    dtype = getattr(hf_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype, torch.float32)
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / name for name in shards]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    return files
+
+
+def iter_tensors(files: list[Path], show_progress: bool):
+    names = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names += [(file, key) for key in f.keys()]
+    handles = {}
+    try:
+        for file, key in tqdm(names, desc="loading weights", disable=not show_progress, leave=False):
+            if file not in handles:
+                handles[file] = safe_open(file, framework="pt").__enter__()
+            yield key, handles[file].get_tensor(key)
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
+               show_progress: bool = False) -> LlamaForCausalLM:
+    path = Path(path)
+    hf_config = read_hf_config(path)
+    if getattr(hf_config, "quantization_config", None):
+        raise ValueError(f"{path}: quantized checkpoints are not supported yet")
+    shape = LlamaShape.from_hf(hf_config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(shape, max_positions)
+    model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
+    model.tie_weights()
+    model.load_weights(iter_tensors(safetensors_files(path), show_progress))
+    model.init_rope(max_positions)
+    return model

@@ -1,0 +1,100 @@
+"""Record each step's choices on hypotheses (tokens, logprobs, text, stop checks) and build
+the RequestOutput a client sees."""
+
+import time
+
+import torch
+
+from counterpoint.decoding.selection import TokenChoice
+from counterpoint.serving.detokenizer import find_stop
+from counterpoint.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from counterpoint.serving.request import Hypothesis, Request
+
+
+def record_choice(request: Request, hyp: Hypothesis, choice: TokenChoice, tokenizer, max_model_len: int) -> None:
+    token, params = choice.token_id, request.params
+    hyp.output_ids.append(token)
+    for seq in hyp.seqs.values():
+        seq.token_ids.append(token)
+    if choice.logprob is not None:
+        hyp.cumulative_logprob += choice.logprob
+    if params.logprobs is not None:
+        hyp.logprobs.append(_logprob_entry(token, choice.logprob, choice.rank, choice.top_logprobs, tokenizer))
+    if params.return_decoding_info:
+        hyp.decoding_info.append({"main_logprob": choice.raw_logprob})
+    new_text = hyp.detok.add(token)
+    hyp.text += new_text
+    _check_stop(request, hyp, token, new_text, max_model_len)
+
+
+def _check_stop(request: Request, hyp: Hypothesis, token: int, new_text: str, max_model_len: int) -> None:
+    params = request.params
+    if token in (params.stop_token_ids or ()) and len(hyp.output_ids) >= params.min_tokens:
+        hyp.finish_reason, hyp.stop_reason = "stop", token
+    elif token in request.eos_ids and not params.ignore_eos and len(hyp.output_ids) >= params.min_tokens:
+        hyp.finish_reason = "stop"
+    elif params.stop_strings and new_text and (found := find_stop(hyp.text, len(new_text), params.stop_strings)):
+        idx, stop = found
+        hyp.text = hyp.text[: idx + len(stop)] if params.include_stop_str_in_output else hyp.text[:idx]
+        hyp.finish_reason, hyp.stop_reason = "stop", stop
+    elif len(hyp.output_ids) >= params.max_tokens or request.num_prompt_tokens + len(hyp.output_ids) >= max_model_len:
+        hyp.finish_reason = "length"
+
+
+def _logprob_entry(token, logprob, rank, top, tokenizer) -> dict[int, Logprob]:
+    entry = {token: Logprob(logprob, rank, tokenizer.decode([token]))}
+    for i, (alt, lp) in enumerate(top):
+        if alt not in entry:
+            entry[alt] = Logprob(lp, i + 1, tokenizer.decode([alt]))
+    return entry
+
+
+def record_prompt_logprobs(request: Request, logits: dict[int, torch.Tensor], tokenizer) -> None:
+    """Append the raw log_softmax of each newly computed prompt position (DECODING.md, Logprobs)."""
+    seq = request.hypotheses[0].seqs["main"] if request.hypotheses else None
+    if seq is None or seq.seq_id not in logits:
+        return
+    if not request.prompt_logprobs:
+        request.prompt_logprobs.append(None)
+    rows = logits[seq.seq_id]
+    num_needed = request.num_prompt_tokens - len(request.prompt_logprobs)
+    rows = rows[: max(0, num_needed)]
+    if not len(rows):
+        return
+    logq = torch.log_softmax(rows.float(), dim=-1)
+    targets = torch.tensor(request.prompt_token_ids[len(request.prompt_logprobs) : len(request.prompt_logprobs) + len(rows)],
+                           device=logq.device)
+    chosen = logq.gather(1, targets[:, None]).squeeze(1)
+    ranks = (logq > chosen[:, None]).sum(-1) + 1
+    k = request.params.prompt_logprobs
+    top_vals, top_ids = logq.topk(k, dim=-1) if k else (None, None)
+    for i, token in enumerate(targets.tolist()):
+        top = list(zip(top_ids[i].tolist(), top_vals[i].tolist())) if k else []
+        request.prompt_logprobs.append(_logprob_entry(token, chosen[i].item(), int(ranks[i]), top, tokenizer))
+
+
+def build_output(request: Request, tokenizer) -> RequestOutput:
+    done = not request.hypotheses
+    hyps = request.finished + request.hypotheses
+    if done and request.params.best_of and request.params.best_of > request.params.n:
+        hyps = sorted(hyps, key=lambda h: h.cumulative_logprob, reverse=True)[: request.params.n]
+    else:
+        hyps = sorted(hyps, key=lambda h: h.index)
+    want_cumulative = request.params.logprobs is not None or bool(request.params.best_of)
+    outputs = [
+        CompletionOutput(
+            index=i, text=h.text, token_ids=h.output_ids,
+            cumulative_logprob=h.cumulative_logprob if want_cumulative else None,
+            logprobs=h.logprobs if request.params.logprobs is not None else None,
+            finish_reason=h.finish_reason, stop_reason=h.stop_reason,
+            decoding_info=h.decoding_info if request.params.return_decoding_info else None,
+        )
+        for i, h in enumerate(hyps)
+    ]
+    metrics = RequestMetrics(request.arrival_time, request.first_scheduled_time, request.first_token_time,
+                             time.monotonic() if done else None, request.num_preemptions)
+    return RequestOutput(
+        request.request_id, request.prompt, request.prompt_token_ids,
+        request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
+        outputs, done, metrics,
+    )

@@ -1,0 +1,1 @@
+"""The training module: produces the checkpoints the server serves (TRAINING.md)."""
