@@ -24,7 +24,7 @@ def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoi
     parents, rows, generators = [], [], []
     for group in groups:
         for h, row in enumerate(group.rows):
-            parents += [(len(rows), h)] * group.fanout
+            parents += [(len(rows) + h, h)] * group.fanout
         rows += group.rows
     row_idx = torch.tensor([p[0] for p in parents], device=logits.device)
     expanded = [rows[p[0]] for p in parents]

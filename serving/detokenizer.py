@@ -30,13 +30,21 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; returns the newly complete text (possibly empty)."""
         self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
-        prefix_text = decode(self.ids[self.prefix_offset : self.read_offset])
-        new_text = decode(self.ids[self.prefix_offset :])
+        prefix_text, new_text = self._window_texts()
         if len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return new_text[len(prefix_text) :]
+
+    def flush(self) -> str:
+        """At the end of output: whatever text is still held back, broken characters included."""
+        prefix_text, new_text = self._window_texts()
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return new_text[len(prefix_text) :]
+
+    def _window_texts(self) -> tuple[str, str]:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # noqa: E731
+        return decode(self.ids[self.prefix_offset : self.read_offset]), decode(self.ids[self.prefix_offset :])
 
 
 def find_stop(text: str, num_new_chars: int, stops: list[str]) -> tuple[int, str] | None:

@@ -60,11 +60,8 @@ class Engine:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        for hyp in request.hypotheses:
-            hyp.finish_reason = "abort"
-        request.finished += request.hypotheses
-        request.hypotheses = []
         self.scheduler.finish(request)
+        self._finish_all(request, "abort")
         return build_output(request, self.tokenizer)
 
     def has_unfinished_requests(self) -> bool:

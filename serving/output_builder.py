@@ -25,6 +25,8 @@ def record_choice(request: Request, hyp: Hypothesis, choice: TokenChoice, tokeni
     new_text = hyp.detok.add(token)
     hyp.text += new_text
     _check_stop(request, hyp, token, new_text, max_model_len)
+    if hyp.is_finished and not isinstance(hyp.stop_reason, str):
+        hyp.text += hyp.detok.flush()
 
 
 def _check_stop(request: Request, hyp: Hypothesis, token: int, new_text: str, max_model_len: int) -> None:

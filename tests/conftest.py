@@ -4,73 +4,16 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import build_model, train_tokenizer
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-VOCAB_SIZE = 384
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "Paris is the capital of France. Berlin is the capital of Germany. ",
-    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n",
-    "Counterpoint serves language models with paged attention and continuous batching. ",
-    "Héllo wörld, naïve café — ünïcödé 日本語 テキスト 🙂 emoji. ",
-    "one two three four five six seven eight nine ten eleven twelve. ",
-]
-
-ARCHS = {
-    "llama": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
-                  rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
-                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                   "original_max_position_embeddings": 64}),
-    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
-    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=16),
-}
-
-
-def train_tokenizer(out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 2, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
-    fast.save_pretrained(out)
-    return fast
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(out)
-    return out
-
-
-def build_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
-    """Save a tiny random HF checkpoint of `arch` (with the test tokenizer) to `out`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    spec = dict(ARCHS[arch])
-    model_type = spec.pop("model_type")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    kwargs = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id,
-                  bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
-    kwargs.update(spec)
-    kwargs.update(overrides)
-    config = AutoConfig.for_model(model_type, **kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(dtype)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     return out
 
 
