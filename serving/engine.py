@@ -47,8 +47,8 @@ class Engine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        params = self._validate(ids, params)
-        request = Request(request_id, text, ids, params, self.main.eos_ids)
+        max_tokens = self._validate(ids, params)
+        request = Request(request_id, text, ids, params, self.main.eos_ids, max_tokens)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         request.hypotheses[0].detok = IncrementalDetokenizer.for_prompt(self.tokenizer, ids, params.skip_special_tokens)
@@ -67,7 +67,8 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> SamplingParams:
+    def _validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Checks the request fits; returns its effective max_tokens."""
         unsupported = [name for name, on in (("use_beam_search", params.use_beam_search),
                                              ("contrastive", params.contrastive is not None),
                                              ("context_contrast", params.context_contrast is not None)) if on]
@@ -84,9 +85,20 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the request has "
                 f"{len(ids)} prompt tokens and asks for {params.max_tokens} more"
             )
-        if params.max_tokens is None:
-            params.max_tokens = room
-        return params
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        self._check_fits_pool(len(ids), max_tokens, params)
+        return max_tokens
+
+    def _check_fits_pool(self, num_prompt: int, max_tokens: int, params: SamplingParams) -> None:
+        # NOTE: a request that cannot fit the whole pool alone would wait forever; refuse it now.
+        bs, pool = self.config.block_size, self.main.kv.pool
+        num_children = params.best_of or params.n
+        need = -(-num_prompt // bs) + num_children * (-(-max_tokens // bs) + 1)
+        if need > pool.num_blocks:
+            raise ValueError(
+                f"the request needs up to {need} KV blocks ({num_children} sequence(s) of up to "
+                f"{num_prompt + max_tokens} tokens) but the cache holds {pool.num_blocks}; lower max_tokens or n"
+            )
 
     # ---- one step ------------------------------------------------------------------------
 
@@ -125,7 +137,7 @@ class Engine:
         return logits
 
     def _decode(self, ready: list[Request], logits: dict[int, torch.Tensor]) -> None:
-        for request in [r for r in ready if r.params.max_tokens == 0]:
+        for request in [r for r in ready if r.max_tokens == 0]:
             self._finish_all(request, "length")
         ready = [r for r in ready if r.hypotheses]
         if not ready:
@@ -168,5 +180,6 @@ class Engine:
     def _finish_all(self, request: Request, reason: str) -> None:
         for hyp in request.hypotheses:
             hyp.finish_reason = reason
+            self.scheduler.free_hypothesis_seqs(list(hyp.seqs.values()))
         request.finished += request.hypotheses
         request.hypotheses = []

@@ -39,7 +39,7 @@ def _check_stop(request: Request, hyp: Hypothesis, token: int, new_text: str, ma
         idx, stop = found
         hyp.text = hyp.text[: idx + len(stop)] if params.include_stop_str_in_output else hyp.text[:idx]
         hyp.finish_reason, hyp.stop_reason = "stop", stop
-    elif len(hyp.output_ids) >= params.max_tokens or request.num_prompt_tokens + len(hyp.output_ids) >= max_model_len:
+    elif len(hyp.output_ids) >= request.max_tokens or request.num_prompt_tokens + len(hyp.output_ids) >= max_model_len:
         hyp.finish_reason = "length"
 
 

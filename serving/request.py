@@ -82,6 +82,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_ids: tuple[int, ...]
+    max_tokens: int
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     hypotheses: list[Hypothesis] = field(default_factory=list)  # live ones
