@@ -93,7 +93,9 @@ class Engine:
         # NOTE: a request that cannot fit the whole pool alone would wait forever; refuse it now.
         bs, pool = self.config.block_size, self.main.kv.pool
         num_children = params.best_of or params.n
-        need = -(-num_prompt // bs) + num_children * (-(-max_tokens // bs) + 1)
+        need = -(-(num_prompt + max_tokens) // bs)
+        if num_children > 1:  # children share the prompt's full blocks, each owns the rest
+            need = num_prompt // bs + num_children * (-(-(num_prompt % bs + max_tokens) // bs))
         if need > pool.num_blocks:
             raise ValueError(
                 f"the request needs up to {need} KV blocks ({num_children} sequence(s) of up to "
