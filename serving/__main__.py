@@ -1,0 +1,3 @@
+from counterpoint.serving.cli import main
+
+main()

@@ -1,0 +1,135 @@
+"""Offline benchmarks: `bench throughput` (against transformers' generate in the same run) and
+`bench latency`. Both print a table and can write JSON."""
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from counterpoint.decoding import SamplingParams
+
+
+@dataclass(frozen=True)
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def random_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
+                    seed: int) -> Workload:
+    """Random-token prompts; lengths uniform in [len·(1−r), len·(1+r)], like vLLM's random dataset."""
+    rng = random.Random(seed)
+    span = lambda n: rng.randint(max(1, int(n * (1 - range_ratio))), max(1, int(n * (1 + range_ratio))))  # noqa: E731
+    low = min(100, vocab_size // 2)  # skip the first ids, where special tokens usually sit
+    prompts = [[rng.randrange(low, vocab_size) for _ in range(span(input_len))] for _ in range(num_prompts)]
+    return Workload(prompts, [span(output_len) for _ in range(num_prompts)])
+
+
+def run_counterpoint(llm, work: Workload) -> float:
+    params = [SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
+    start = time.perf_counter()
+    outs = llm.generate(work.prompts, params, use_tqdm=True)
+    elapsed = time.perf_counter() - start
+    assert sum(len(o.outputs[0].token_ids) for o in outs) == work.num_output_tokens
+    return elapsed
+
+
+def run_transformers(model, work: Workload, batch_size: int, pad_id: int) -> float:
+    """Static batches of `batch_size`, left-padded, each run to its longest output, as a
+    transformers user would serve them; only each request's own tokens count as output."""
+    model.generation_config.eos_token_id = None  # like ignore_eos
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(work.prompts), batch_size), desc="transformers", leave=False):
+        prompts, lens = work.prompts[i : i + batch_size], work.output_lens[i : i + batch_size]
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
+                           do_sample=False, pad_token_id=pad_id)
+    return time.perf_counter() - start
+
+
+def throughput(args) -> dict:
+    from counterpoint.serving import LLM
+
+    results = []
+    for concurrency in args.concurrency:
+        num_prompts = args.num_prompts or max(4, 2 * concurrency)
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency, show_progress=False)
+        work = random_workload(num_prompts, args.input_len, args.output_len, args.range_ratio,
+                               llm.engine.main.vocab_size, args.seed)
+        ours = run_counterpoint(llm, work)
+        row = dict(concurrency=concurrency, num_prompts=num_prompts, output_tokens=work.num_output_tokens,
+                   counterpoint_s=ours, counterpoint_tok_s=work.num_output_tokens / ours)
+        del llm
+        if args.baseline == "transformers":
+            row.update(_transformers_row(args, work, concurrency))
+            row["ratio"] = row["counterpoint_tok_s"] / row["transformers_tok_s"]
+        results.append(row)
+        _print_row(row)
+    return dict(benchmark="throughput", model=args.model, dtype=args.dtype, input_len=args.input_len,
+                output_len=args.output_len, range_ratio=args.range_ratio, threads=torch.get_num_threads(),
+                results=results)
+
+
+def _transformers_row(args, work: Workload, concurrency: int) -> dict:
+    from transformers import AutoModelForCausalLM
+    from counterpoint.serving.models.loader import DTYPES
+
+    dtype = DTYPES.get(args.dtype, "auto")
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    pad_id = model.generation_config.pad_token_id or 0
+    elapsed = run_transformers(model, work, concurrency, pad_id)
+    tok_s = work.num_output_tokens / elapsed
+    return dict(transformers_s=elapsed, transformers_tok_s=tok_s)
+
+
+def _print_row(row: dict) -> None:
+    line = f"concurrency {row['concurrency']:>3}: counterpoint {row['counterpoint_tok_s']:8.1f} tok/s"
+    if "ratio" in row:
+        line += f" | transformers {row['transformers_tok_s']:8.1f} tok/s | ratio {row['ratio']:.2f}x"
+    print(line, flush=True)
+
+
+def latency(args) -> dict:
+    from counterpoint.serving import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_size, 1), show_progress=False)
+    work = random_workload(args.batch_size, args.input_len, args.output_len, 0.0, llm.engine.main.vocab_size, args.seed)
+    params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    for _ in range(args.warmup):
+        llm.generate(work.prompts, params, use_tqdm=False)
+    times, ttfts = [], []
+    for _ in tqdm(range(args.iters), desc="latency"):
+        start = time.perf_counter()
+        outs = llm.generate(work.prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+        ttfts += [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+    result = dict(benchmark="latency", model=args.model, batch_size=args.batch_size, input_len=args.input_len,
+                  output_len=args.output_len, mean_s=statistics.mean(times), p50_s=_pct(times, 50),
+                  p90_s=_pct(times, 90), p99_s=_pct(times, 99), mean_ttft_s=statistics.mean(ttfts),
+                  per_token_ms=1000 * statistics.mean(times) / args.output_len)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+

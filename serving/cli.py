@@ -1,0 +1,116 @@
+"""The `counterpoint` command line (API.md): generate and bench now; serve and train land with
+their issues. Every bad flag value ends in a one-line error and exit code 2."""
+
+import argparse
+import sys
+
+from counterpoint.decoding import SamplingParams
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-model-len", type=positive_int, default=None)
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate offline and print the completion")
+    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--n", type=positive_int, default=1)
+    p.add_argument("--beam-width", type=positive_int, default=None)
+    p.add_argument("--amateur", default=None)
+    p.add_argument("--cd-alpha", type=float, default=0.1)
+    p.add_argument("--cd-beta", type=float, default=1.0)
+    p.add_argument("--document", action="append", default=None)
+    p.add_argument("--context-contrast", choices=["acd", "cad", "adacad"], default=None)
+    _add_engine_flags(p)
+
+
+def _bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="offline benchmarks").add_subparsers(dest="bench", required=True)
+    t = bench.add_parser("throughput", help="output tokens/s against transformers' generate, in one run")
+    t.add_argument("--model", required=True)
+    t.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 64])
+    t.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
+    t.add_argument("--input-len", type=positive_int, default=128)
+    t.add_argument("--output-len", type=positive_int, default=128)
+    t.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1-r)..len*(1+r)")
+    t.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", default=None, help="write the results here")
+    _add_engine_flags(t)
+    lat = bench.add_parser("latency", help="end-to-end latency of one batch")
+    lat.add_argument("--model", required=True)
+    lat.add_argument("--batch-size", type=positive_int, default=1)
+    lat.add_argument("--input-len", type=positive_int, default=128)
+    lat.add_argument("--output-len", type=positive_int, default=64)
+    lat.add_argument("--iters", type=positive_int, default=5)
+    lat.add_argument("--warmup", type=int, default=1)
+    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--json", default=None)
+    _add_engine_flags(lat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="counterpoint", description="Counterpoint LLM inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _generate_parser(sub)
+    _bench_parser(sub)
+    return parser
+
+
+def run_generate(args, parser) -> None:
+    from counterpoint.serving import LLM
+
+    for flag, value in (("--beam-width", args.beam_width), ("--amateur", args.amateur),
+                        ("--document", args.document), ("--context-contrast", args.context_contrast)):
+        if value is not None:
+            parser.error(f"{flag} is not supported yet")
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n)
+    except ValueError as err:
+        parser.error(str(err))
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.get_tokenizer().apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    out = llm.generate(prompt, params, use_tqdm=False)[0]
+    for completion in out.outputs:
+        print(completion.text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            run_generate(args, parser)
+        elif args.command == "bench":
+            from counterpoint.serving import bench
+
+            result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
+            bench.write_json(result, args.json)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        print(f"counterpoint: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

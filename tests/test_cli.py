@@ -1,0 +1,44 @@
+"""The `counterpoint` command: generate prints transformers' greedy text; bad flags exit 2;
+bench throughput runs end to end against transformers and writes JSON."""
+
+import json
+import subprocess
+import sys
+
+from transformers import AutoTokenizer
+
+from test_greedy_vs_transformers import hf_greedy
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "counterpoint.serving", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_generate_prints_the_greedy_completion(llama_dir):
+    proc = run("generate", "--model", str(llama_dir), "--prompt", "The quick brown fox", "--max-tokens", "10")
+    assert proc.returncode == 0, proc.stderr
+    tok = AutoTokenizer.from_pretrained(llama_dir)
+    ref = hf_greedy(llama_dir, tok.encode("The quick brown fox"), 10, stop_at_eos=True)
+    ref = ref[: ref.index(tok.eos_token_id)] if tok.eos_token_id in ref else ref
+    assert proc.stdout.rstrip("\n") == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_bad_flags_exit_2_with_one_line(llama_dir):
+    for args in (["--temperature", "-1"], ["--top-p", "2"], ["--n", "0"], ["--dtype", "int3"]):
+        proc = run("generate", "--model", str(llama_dir), "--prompt", "hi", *args)
+        assert proc.returncode == 2
+        assert proc.stderr.strip().splitlines()[-1].startswith("counterpoint")
+    proc = run("generate", "--model", "/nonexistent/model", "--prompt", "hi")
+    assert proc.returncode == 2 and "config.json not found" in proc.stderr
+
+
+def test_bench_throughput_writes_json(llama_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run("bench", "throughput", "--model", str(llama_dir), "--concurrency", "1", "3", "--input-len", "8",
+               "--output-len", "6", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["concurrency"] for r in result["results"]] == [1, 3]
+    for row in result["results"]:
+        assert row["counterpoint_tok_s"] > 0 and row["transformers_tok_s"] > 0 and row["ratio"] > 0
