@@ -63,7 +63,7 @@ def throughput(args) -> dict:
 
     results = []
     for concurrency in args.concurrency:
-        num_prompts = args.num_prompts or max(4, 2 * concurrency)
+        num_prompts = args.num_prompts or max(8, 4 * concurrency)
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency, show_progress=False)
         work = random_workload(num_prompts, args.input_len, args.output_len, args.range_ratio,
                                llm.engine.main.vocab_size, args.seed)

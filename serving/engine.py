@@ -28,7 +28,7 @@ class Engine:
         self.main: ModelSlot = load_slot("main", config.model, config)
         self.slots = {"main": self.main}
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.num_batched_tokens, self.main.max_model_len),
+            SchedulerConfig(config.max_num_seqs, config.num_batched_tokens),
             {name: slot.kv for name, slot in self.slots.items()},
         )
         self.requests: dict[str, Request] = {}
@@ -159,13 +159,13 @@ class Engine:
         """Extend, fork or drop hypotheses as the decoding chose, then check stop conditions."""
         parents, taken, survivors = request.hypotheses, set(), []
         for choice in choices:
-            parent = parents[choice.parent]
+            # NOTE: forks copy the parent before any choice of this step is recorded on it.
+            hyp = parents[choice.parent]
             if choice.parent in taken:
-                hyp = parent.fork(len(survivors))
-                for name, seq in hyp.seqs.items():
+                hyp = hyp.fork(len(survivors))
+                for seq in hyp.seqs.values():
                     self.slots[seq.model].kv.fork(seq)
-            else:
-                hyp, _ = parent, taken.add(choice.parent)
+            taken.add(choice.parent)
             survivors.append((hyp, choice))
         for i, parent in enumerate(parents):
             if i not in taken:

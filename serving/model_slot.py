@@ -13,7 +13,7 @@ from counterpoint.serving.config import EngineConfig
 from counterpoint.serving.kv_manager import KVManager
 from counterpoint.serving.model_runner import ModelRunner
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
-from counterpoint.serving.models.llama import LlamaForCausalLM
+from counterpoint.serving.models.llama import LlamaForCausalLM, LlamaShape
 
 
 @dataclass
@@ -37,7 +37,7 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     device = config.torch_device
     hf_config = read_hf_config(path)
     dtype = resolve_dtype(config.dtype, hf_config, device)
-    max_model_len = _max_model_len(hf_config, config)
+    max_model_len = _max_model_len(LlamaShape.from_hf(hf_config), config)
     model = load_model(path, dtype, device, max_model_len, show_progress=config.show_progress)
     num_blocks = _num_blocks(model, dtype, config, max_model_len)
     s = model.shape
@@ -52,11 +52,10 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     )
 
 
-def _max_model_len(hf_config, config: EngineConfig) -> int:
-    limit = hf_config.max_position_embeddings
-    window = getattr(hf_config, "sliding_window", None)
-    if hf_config.model_type == "mistral" and window:
-        limit = min(limit, window)  # NOTE: no sliding-window attention yet, so stay inside the window
+def _max_model_len(shape: LlamaShape, config: EngineConfig) -> int:
+    limit = shape.max_position_embeddings
+    if shape.sliding_window:
+        limit = min(limit, shape.sliding_window)  # NOTE: no sliding-window attention yet: stay inside the window
     if config.max_model_len is None:
         return limit
     if config.max_model_len > limit:

@@ -14,7 +14,6 @@ from counterpoint.serving.request import Request, RequestStatus, Sequence
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
-    max_model_len: int = 2048
 
     def __post_init__(self):
         if self.max_num_batched_tokens < self.max_num_seqs:

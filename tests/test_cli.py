@@ -42,3 +42,12 @@ def test_bench_throughput_writes_json(llama_dir, tmp_path):
     assert [r["concurrency"] for r in result["results"]] == [1, 3]
     for row in result["results"]:
         assert row["counterpoint_tok_s"] > 0 and row["transformers_tok_s"] > 0 and row["ratio"] > 0
+
+
+def test_bench_latency_reports_percentiles(llama_dir, tmp_path):
+    out = tmp_path / "latency.json"
+    proc = run("bench", "latency", "--model", str(llama_dir), "--batch-size", "2", "--input-len", "8",
+               "--output-len", "4", "--iters", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["p50_s"] <= result["p99_s"] and result["mean_ttft_s"] <= result["mean_s"]
