@@ -1,10 +1,11 @@
-"""The `counterpoint` command line (API.md): generate and bench now; serve and train land with
-their issues. Every bad flag value ends in a one-line error and exit code 2."""
+"""The `counterpoint` command line (API.md): generate, bench and train (serve lands with the HTTP
+server). Every bad flag value ends in a one-line error and exit code 2."""
 
 import argparse
 import sys
 
 from counterpoint.decoding import SamplingParams
+from counterpoint.training.cli import add_train_parser, run_train
 
 
 def positive_int(text: str) -> int:
@@ -22,7 +23,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate offline and print the completion")
-    p.add_argument("--model", required=True, help="local Hugging Face model directory")
+    p.add_argument("--model", default=None, help="local Hugging Face model directory (default: the bundled model)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _generate_parser(sub)
     _bench_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
@@ -86,7 +88,12 @@ def run_generate(args, parser) -> None:
                                 top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n)
     except ValueError as err:
         parser.error(str(err))
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+    model = args.model
+    if model is None:
+        from counterpoint.training.defaults import default_models
+
+        model = str(default_models().expert)
+    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
     prompt = args.prompt
     if args.chat:
         prompt = llm.get_tokenizer().apply_chat_template(
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
             result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
             bench.write_json(result, args.json)
+        elif args.command == "train":
+            run_train(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"counterpoint: error: {err}", file=sys.stderr)
         sys.exit(2)

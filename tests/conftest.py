@@ -22,7 +22,7 @@ def model_factory(tmp_path_factory, tokenizer_dir):
     cache = {}
 
     def make(arch: str = "llama", **overrides) -> Path:
-        key = (arch, tuple(sorted(overrides.items(), key=str)))
+        key = (arch, repr(sorted(overrides.items(), key=str)))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"model-{arch}")
             cache[key] = build_model(out, tokenizer_dir, arch, **overrides)

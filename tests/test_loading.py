@@ -59,6 +59,6 @@ def test_wheel_contains_every_subpackage_under_counterpoint(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"counterpoint"}
-    for pkg in ("serving", "serving/models", "decoding", "kernels", "training"):
+    for pkg in ("serving", "serving/models", "decoding", "kernels", "training", "training/merge"):
         assert f"counterpoint/{pkg}/__init__.py" in names
     assert not any(n.startswith("counterpoint/tests/") for n in names)
