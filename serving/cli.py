@@ -1,5 +1,5 @@
-"""The `counterpoint` command line (API.md): generate, bench and train (serve lands with the HTTP
-server). Every bad flag value ends in a one-line error and exit code 2."""
+"""The `counterpoint` command line (API.md): serve, generate, bench and train. Every bad flag
+value ends in a one-line error and exit code 2."""
 
 import argparse
 import sys
@@ -67,9 +67,67 @@ def _bench_parser(sub) -> None:
     _add_engine_flags(lat)
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="the OpenAI-compatible HTTP server")
+    p.add_argument("--model", action="append", default=None, metavar="[NAME=]PATH",
+                   help="a local HF model directory, served under NAME (default: its directory name)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--quantization", default="none", choices=["none", "bnb-nf4", "bnb-int8"])
+    p.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
+    p.add_argument("--num-blocks", type=positive_int, default=None)
+    p.add_argument("--kv-cache-memory", type=float, default=2.0, metavar="GiB")
+    p.add_argument("--max-num-seqs", type=positive_int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
+    p.add_argument("--max-queue", type=positive_int, default=None, help="waiting requests beyond this get 429")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
+    _add_engine_flags(p)
+
+
+def run_serve(args, parser) -> None:
+    import uvicorn
+
+    from counterpoint.serving.async_engine import AsyncEngine
+    from counterpoint.serving.config import EngineConfig
+    from counterpoint.serving.engine import Engine
+    from counterpoint.serving.server import build_app
+
+    if args.quantization != "none":
+        parser.error(f"--quantization {args.quantization} is not supported yet")
+    if args.model and len(args.model) > 1:
+        parser.error("serving several models (an amateur for contrastive decoding) is not supported yet")
+    name, path = _model_arg(args.model[0]) if args.model else _default_model()
+    config = EngineConfig(model=path, served_name=name, dtype=args.dtype, device=args.device,
+                          block_size=args.block_size, num_blocks=args.num_blocks,
+                          kv_cache_memory_gib=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
+    engine = AsyncEngine(Engine(config), args.max_queue)
+    app = build_app(engine, name, args.api_key, args.shutdown_timeout)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.shutdown_timeout))
+
+
+def _model_arg(text: str) -> tuple[str, str]:
+    from pathlib import Path
+
+    name, sep, path = text.partition("=")
+    if not sep:
+        path = text
+        name = Path(text).resolve().name
+    return name, path
+
+
+def _default_model() -> tuple[str, str]:
+    from counterpoint.training.defaults import default_models
+
+    expert = default_models().expert
+    return expert.name, str(expert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="counterpoint", description="Counterpoint LLM inference server")
     sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
     _generate_parser(sub)
     _bench_parser(sub)
     add_train_parser(sub)
@@ -107,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        if args.command == "generate":
+        if args.command == "serve":
+            run_serve(args, parser)
+        elif args.command == "generate":
             run_generate(args, parser)
         elif args.command == "bench":
             from counterpoint.serving import bench

@@ -1,6 +1,6 @@
 """What the engine returns for a request, shaped like vLLM's RequestOutput."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(slots=True)
@@ -41,3 +41,14 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = field(default=0)
+
+
+def snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy whose lists no longer grow with the engine's hypotheses."""
+    outputs = [
+        replace(o, token_ids=list(o.token_ids), logprobs=None if o.logprobs is None else list(o.logprobs),
+                decoding_info=None if o.decoding_info is None else list(o.decoding_info))
+        for o in out.outputs
+    ]
+    prompt_logprobs = None if out.prompt_logprobs is None else list(out.prompt_logprobs)
+    return replace(out, outputs=outputs, prompt_logprobs=prompt_logprobs)

@@ -1,0 +1,132 @@
+"""The engine in one background thread; HTTP handlers talk to it through thread-safe queues.
+
+Handlers never block the loop: `generate` is an async iterator of RequestOutput, and leaving
+it early (a client disconnect) aborts the request, which frees its blocks.
+"""
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from counterpoint.decoding import SamplingParams
+from counterpoint.serving.engine import Engine
+from counterpoint.serving.outputs import RequestOutput, snapshot
+
+
+class QueueFull(RuntimeError):
+    """More requests are waiting than --max-queue allows."""
+
+
+@dataclass
+class _Submission:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    sink: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, max_queue: int | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._inbox: queue.Queue = queue.Queue()
+        self._sinks: dict[str, _Submission] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._sinks) + self._inbox.qsize()
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, prefix: str = "req"):
+        """Yields a RequestOutput per step that advanced the request; the last one is finished."""
+        if self.max_queue is not None and len(self.engine.scheduler.waiting) + self._inbox.qsize() >= self.max_queue:
+            raise QueueFull(f"the server is at its queue limit ({self.max_queue} waiting requests)")
+        request_id = f"{prefix}-{next(self._ids)}"
+        sink: asyncio.Queue = asyncio.Queue()
+        self._inbox.put(("add", _Submission(request_id, prompt, params, asyncio.get_running_loop(), sink)))
+        finished = False
+        try:
+            while True:
+                item = await sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", request_id))
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking work; let in-flight requests finish for up to `timeout` seconds."""
+        self._inbox.put(("drain", timeout))
+        self._thread.join(timeout + 5)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._take_inbox(block=not self.engine.has_unfinished_requests())
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as err:  # the loop must never die silently: fail every open request
+            self.error = err
+            for sub in list(self._sinks.values()):
+                sub.loop.call_soon_threadsafe(sub.sink.put_nowait, RuntimeError("the engine loop failed"))
+            raise
+
+    def _take_inbox(self, block: bool) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get(block=block, timeout=0.1 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                self._abort(payload)
+            elif kind == "drain":
+                self._drain(payload)
+
+    def _add(self, sub: _Submission) -> None:
+        try:
+            self.engine.add_request(sub.request_id, sub.prompt, sub.params)
+        except (ValueError, NotImplementedError) as err:
+            sub.loop.call_soon_threadsafe(sub.sink.put_nowait, err)
+            return
+        self._sinks[sub.request_id] = sub
+
+    def _abort(self, request_id: str) -> None:
+        if self._sinks.pop(request_id, None) is not None:
+            self.engine.abort_request(request_id)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        sub = self._sinks.get(out.request_id)
+        if sub is None:
+            return
+        if out.finished:
+            del self._sinks[out.request_id]
+        # NOTE: outputs share lists with live hypotheses; hand the other thread a frozen copy.
+        sub.loop.call_soon_threadsafe(sub.sink.put_nowait, snapshot(out))
+
+    def _drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            for out in self.engine.step():
+                self._deliver(out)
+        for request_id in list(self._sinks):
+            self._abort(request_id)
+        self._stop.set()

@@ -1,0 +1,63 @@
+"""OpenAI response shapes: completion and chat bodies, stream chunks, logprobs, usage."""
+
+import time
+
+from counterpoint.serving.outputs import CompletionOutput, Logprob, RequestOutput
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def envelope(obj: str, request_id: str, model: str, choices: list[dict], created: int | None = None) -> dict:
+    return {"id": request_id, "object": obj, "created": created or int(time.time()), "model": model,
+            "choices": choices}
+
+
+def completion_logprobs(entries: list[dict[int, Logprob] | None], token_ids: list[int], tokenizer,
+                        text_offset: int = 0) -> dict:
+    """The completions API's logprobs: parallel lists of tokens, logprobs, top alternatives, offsets."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries):
+        text = tokenizer.decode([token_id])
+        tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if entry is None:  # the first prompt token has no logprob
+            token_logprobs.append(None)
+            top.append(None)
+            continue
+        token_logprobs.append(entry[token_id].logprob)
+        top.append({lp.decoded_token: lp.logprob for tid, lp in entry.items() if tid != token_id or lp.rank == 1}
+                   or {entry[token_id].decoded_token: entry[token_id].logprob})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], num_top: int) -> dict:
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry[token_id]
+        alternatives = sorted(entry.values(), key=lambda lp: -lp.logprob)[:num_top]
+        content.append({
+            "token": chosen.decoded_token, "logprob": chosen.logprob,
+            "bytes": list(chosen.decoded_token.encode()),
+            "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob, "bytes": list(a.decoded_token.encode())}
+                             for a in alternatives],
+        })
+    return {"content": content}
+
+
+def decoding_info(o: CompletionOutput, start: int = 0) -> list[dict] | None:
+    return None if o.decoding_info is None else o.decoding_info[start:]
+
+
+def stream_text(o: CompletionOutput, stop_strings: list[str]) -> str:
+    """Text safe to send now: while running, hold back what could be the start of a stop string."""
+    if o.finish_reason is not None or not stop_strings:
+        return o.text
+    return o.text[: max(0, len(o.text) - max(map(len, stop_strings)) + 1)]
+
+
+def num_completion_tokens(outputs: list[RequestOutput]) -> int:
+    return sum(len(o.token_ids) for out in outputs for o in out.outputs)

@@ -1,0 +1,304 @@
+"""The OpenAI-compatible HTTP server (API.md): FastAPI routes over the AsyncEngine."""
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from counterpoint.serving import responses as R
+from counterpoint.serving.async_engine import AsyncEngine, QueueFull
+from counterpoint.serving.engine import ContextLengthExceeded
+from counterpoint.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                           TokenizeRequest, error_body)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, err_type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, err_type, param, code)
+
+
+def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
+              shutdown_timeout: float = 30.0) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_):
+        yield
+        # uvicorn has already waited for open connections; drain what is left, then stop the loop.
+        await asyncio.to_thread(engine.shutdown, shutdown_timeout)
+
+    app = FastAPI(title="Counterpoint", lifespan=lifespan)
+    app.state.engine, app.state.served_name = engine, served_name
+    tokenizer = engine.engine.tokenizer
+    _install_error_handlers(app)
+
+    def check_key(request: Request) -> None:
+        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != served_name:
+            raise APIError(404, f"model {name!r} does not exist; served: {served_name}", param="model",
+                           code="model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return JSONResponse({}, status_code=200 if engine.is_alive else 503)
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        card = {"id": served_name, "object": "model", "created": int(time.time()), "owned_by": "counterpoint",
+                "max_model_len": engine.engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize(body: TokenizeRequest):
+        check_model(body.model)
+        if body.messages is not None:
+            ids = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
+                                                tokenize=True, add_generation_prompt=True, return_dict=False)
+        elif body.prompt is not None:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            raise APIError(400, "tokenize needs prompt or messages", param="prompt")
+        return {"tokens": list(ids), "count": len(ids), "max_model_len": engine.engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize(body: DetokenizeRequest):
+        check_model(body.model)
+        return {"prompt": tokenizer.decode(body.tokens)}
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        params = _params(body)
+        prompts = _or_400(body.prompts)
+        streams = [await _started(engine.generate(p, params, "cmpl")) for p in prompts]
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _sse(_stream_completion(rid, body, params, streams, served_name, tokenizer))
+        finals = await asyncio.gather(*[_last(s, request) for s in streams])
+        choices = [_completion_choice(i * body.n + o.index, out, o, body, tokenizer)
+                   for i, out in enumerate(finals) for o in out.outputs]
+        return {**R.envelope("text_completion", rid, served_name, choices),
+                "usage": R.usage(sum(len(o.prompt_token_ids) for o in finals), R.num_completion_tokens(finals))}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        params = _params(body)
+        prompt = _or_400(lambda: tokenizer.apply_chat_template(body.message_dicts(), tokenize=False,
+                                                               add_generation_prompt=True))
+        stream = await _started(engine.generate(prompt, params, "chat"))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _sse(_stream_chat(rid, body, params, stream, served_name))
+        out = await _last(stream, request)
+        choices = [_chat_choice(o, body) for o in out.outputs]
+        return {**R.envelope("chat.completion", rid, served_name, choices),
+                "usage": R.usage(len(out.prompt_token_ids), R.num_completion_tokens([out]))}
+
+    return app
+
+
+def _or_400(fn):
+    try:
+        return fn()
+    except ValueError as err:
+        raise APIError(400, str(err)) from err
+
+
+def _params(body):
+    try:
+        return body.to_sampling_params()
+    except ValueError as err:
+        message = str(err)
+        raise APIError(400, message, param=message.split(" ", 1)[0]) from err
+
+
+class _Started:
+    """An engine stream whose first output has arrived (so errors surface before any header)."""
+
+    def __init__(self, gen, first):
+        self.gen, self.first = gen, first
+
+    async def __aiter__(self):
+        yield self.first
+        if not self.first.finished:
+            async for out in self.gen:
+                yield out
+
+    async def aclose(self):
+        await self.gen.aclose()
+
+
+async def _started(gen) -> _Started:
+    try:
+        return _Started(gen, await gen.__anext__())
+    except ContextLengthExceeded as err:
+        raise APIError(400, str(err), param="messages", code="context_length_exceeded") from err
+    except NotImplementedError as err:
+        raise APIError(400, str(err), code="not_supported") from err
+    except ValueError as err:
+        raise APIError(400, str(err)) from err
+    except QueueFull as err:
+        raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
+
+
+async def _last(stream: _Started, request: Request):
+    """The final output; a client that goes away aborts the request (freeing its blocks)."""
+    out = None
+    try:
+        async for out in stream:
+            if await request.is_disconnected():
+                break
+    finally:
+        await stream.aclose()
+    if out is None or not out.finished:
+        raise APIError(499, "client disconnected")
+    return out
+
+
+def _completion_choice(index, out, o, body, tokenizer) -> dict:
+    prompt_text = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+    text = (prompt_text if body.echo else "") + o.text
+    logprobs = None
+    if body.logprobs is not None:
+        entries, ids = list(o.logprobs or []), list(o.token_ids)
+        if body.echo:
+            entries, ids = list(out.prompt_logprobs or []) + entries, list(out.prompt_token_ids) + ids
+        logprobs = R.completion_logprobs(entries, ids, tokenizer)
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+    if body.return_decoding_info:
+        choice["decoding_info"] = R.decoding_info(o)
+    return choice
+
+
+def _chat_choice(o, body) -> dict:
+    choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
+              "logprobs": R.chat_logprobs(o.logprobs, o.token_ids, body.top_logprobs or 0) if body.logprobs else None,
+              "finish_reason": o.finish_reason}
+    if body.return_decoding_info:
+        choice["decoding_info"] = R.decoding_info(o)
+    return choice
+
+
+def _sse(gen) -> StreamingResponse:
+    async def lines():
+        async for chunk in gen:
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
+
+async def _merge(streams):
+    """Interleave several engine streams as (stream index, output)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, stream):
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out = await queue.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+    finally:
+        for task in tasks:
+            task.cancel()
+        for s in streams:
+            await s.aclose()
+
+
+async def _stream_completion(rid, body, params, streams, model, tokenizer):
+    created, sent, last = int(time.time()), {}, {}
+    for i, out in enumerate(_echo_first(body, streams, tokenizer)):
+        yield R.envelope("text_completion", rid, model, [out], created)
+    async for i, out in _merge(streams):
+        last[i] = out
+        for o in out.outputs:
+            key = (i, o.index)
+            text = R.stream_text(o, params.stop_strings)
+            start_tok = sent.get(key, (0, 0))[1]
+            delta, sent[key] = text[sent.get(key, (0, 0))[0]:], (len(text), len(o.token_ids))
+            if not delta and o.finish_reason is None:
+                continue
+            choice = {"index": i * body.n + o.index, "text": delta, "finish_reason": o.finish_reason,
+                      "logprobs": R.completion_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:], tokenizer)
+                      if body.logprobs is not None else None}
+            if body.return_decoding_info:
+                choice["decoding_info"] = R.decoding_info(o, start_tok)
+            yield R.envelope("text_completion", rid, model, [choice], created)
+    if body.include_usage:
+        finals = list(last.values())
+        yield {**R.envelope("text_completion", rid, model, [], created),
+               "usage": R.usage(sum(len(o.prompt_token_ids) for o in finals), R.num_completion_tokens(finals))}
+
+
+def _echo_first(body, streams, tokenizer):
+    if not body.echo:
+        return []
+    chunks = []
+    for i, s in enumerate(streams):
+        out = s.first
+        prompt_text = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+        for j in range(body.n):
+            chunks.append({"index": i * body.n + j, "text": prompt_text, "finish_reason": None, "logprobs": None})
+    return chunks
+
+
+async def _stream_chat(rid, body, params, stream, model):
+    created, sent, tokens_sent, out = int(time.time()), {}, {}, None
+    for j in range(body.n):
+        yield R.envelope("chat.completion.chunk", rid, model,
+                         [{"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], created)
+    try:
+        async for out in stream:
+            for o in out.outputs:
+                text = R.stream_text(o, params.stop_strings)
+                delta, start_tok = text[sent.get(o.index, 0):], tokens_sent.get(o.index, 0)
+                sent[o.index], tokens_sent[o.index] = len(text), len(o.token_ids)
+                if not delta and o.finish_reason is None:
+                    continue
+                choice = {"index": o.index, "delta": {"content": delta} if delta else {},
+                          "finish_reason": o.finish_reason,
+                          "logprobs": R.chat_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:],
+                                                      body.top_logprobs or 0) if body.logprobs else None}
+                if body.return_decoding_info:
+                    choice["decoding_info"] = R.decoding_info(o, start_tok)
+                yield R.envelope("chat.completion.chunk", rid, model, [choice], created)
+    finally:
+        await stream.aclose()
+    if body.include_usage and out is not None:
+        yield {**R.envelope("chat.completion.chunk", rid, model, [], created),
+               "usage": R.usage(len(out.prompt_token_ids), R.num_completion_tokens([out]))}
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_, err: APIError):
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_, err: RequestValidationError):
+        first = err.errors()[0] if err.errors() else {}
+        field = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        return JSONResponse(error_body(f"{field}: {first.get('msg', 'invalid request')}", param=field),
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(_, err: Exception):
+        return JSONResponse(error_body("internal server error", "internal_error"), status_code=500)
