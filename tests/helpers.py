@@ -37,6 +37,8 @@ def train_tokenizer(out: Path):
     tok.train_from_iterator(CORPUS * 20, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    pad_token="<|pad|>")
+    fast.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     fast.save_pretrained(out)
     return fast
 

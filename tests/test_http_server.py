@@ -1,0 +1,204 @@
+"""The HTTP server, started for real with uvicorn on 127.0.0.1 and driven by the official openai
+client: same text as the offline engine and transformers, streaming, errors, disconnects."""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from counterpoint.decoding import SamplingParams
+from counterpoint.serving import LLM
+from counterpoint.serving.async_engine import AsyncEngine
+from counterpoint.serving.config import EngineConfig
+from counterpoint.serving.engine import Engine
+from counterpoint.serving.server import build_app
+from test_greedy_vs_transformers import hf_greedy
+
+MODEL = "tiny"
+KEY = "secret-key"
+
+
+class Server:
+    def __init__(self, model_dir, api_key=None, max_queue=None, **engine_args):
+        self.engine = AsyncEngine(Engine(EngineConfig(model=str(model_dir), show_progress=False, **engine_args)),
+                                  max_queue)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        config = uvicorn.Config(build_app(self.engine, MODEL, api_key, shutdown_timeout=5), host="127.0.0.1",
+                                port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, key="none", **kw):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def pool_is_full(self) -> bool:
+        pool = self.engine.engine.main.kv.pool
+        return pool.num_free_blocks == pool.num_blocks
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(llama_dir):
+    s = Server(llama_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(llama_dir):
+    return LLM(str(llama_dir), show_progress=False)
+
+
+def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_completions_match_offline_and_transformers(server, offline, llama_dir):
+    prompt = "The quick brown fox"
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    ids = offline.get_tokenizer().encode(prompt)
+    ref = offline.generate(prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert ref.outputs[0].token_ids == hf_greedy(llama_dir, ids, 12)
+    assert resp.choices[0].text == ref.outputs[0].text
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage.prompt_tokens == len(ids) and resp.usage.completion_tokens == 12
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.outputs[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+
+
+def test_chat_sync_async_and_stream_agree(server, offline):
+    client = server.client()
+    messages = [{"role": "user", "content": "Paris is the capital of"}]
+    sync = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
+                                          logprobs=True, top_logprobs=2)
+
+    async def run_async():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        return await aclient.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+
+    asynchronous = asyncio.run(run_async())
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    prompt = offline.get_tokenizer().apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ref = offline.generate(prompt, SamplingParams(max_tokens=10, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert sync.choices[0].message.content == asynchronous.choices[0].message.content == streamed == ref.text
+    assert len(sync.choices[0].logprobs.content) == len(ref.token_ids)
+    assert all(len(t.top_logprobs) == 2 for t in sync.choices[0].logprobs.content)
+
+
+def test_n_logprobs_echo_and_stop(server, offline):
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt=[[5, 17, 33], [9, 9, 9, 9]], max_tokens=6, n=2,
+                                     temperature=1.0, seed=3, logprobs=3, extra_body={"ignore_eos": True})
+    assert sorted(c.index for c in resp.choices) == [0, 1, 2, 3]
+    assert all(len(c.logprobs.tokens) == 6 and len(c.logprobs.top_logprobs[0]) >= 3 for c in resp.choices)
+    echo = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=0, echo=True, logprobs=1)
+    assert echo.choices[0].text == "Paris is"
+    assert echo.choices[0].logprobs.token_logprobs[0] is None and echo.choices[0].logprobs.token_logprobs[1] < 0
+    full = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[4:7]
+    for stream in (False, True):
+        resp = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=16, temperature=0, stop=[stop],
+                                         stream=stream, extra_body={"ignore_eos": True})
+        text = "".join(c.choices[0].text for c in resp if c.choices) if stream else resp.choices[0].text
+        assert text == full[: full.index(stop)]
+
+
+def test_error_statuses(llama_dir):
+    server = Server(llama_dir, api_key=KEY, max_model_len=64)
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            server.client("wrong").models.list()
+        assert httpx.get(server.url + "/health").status_code == 200
+        client = server.client(KEY)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="other", prompt="hi")
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="hi", temperature=-1)
+        assert err.value.body["param"] == "temperature"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=[5] * 80, max_tokens=4)
+        assert err.value.body["code"] == "context_length_exceeded"
+        with pytest.raises(openai.BadRequestError, match="not supported yet"):
+            client.completions.create(model=MODEL, prompt="hi", extra_body={"use_beam_search": True})
+        with pytest.raises(openai.BadRequestError, match="context_contrast needs documents"):
+            client.completions.create(model=MODEL, prompt="hi", extra_body={"context_contrast": {"method": "acd"}})
+        with pytest.raises(openai.BadRequestError, match="messages"):
+            client.chat.completions.create(model=MODEL, messages=[])
+        models = client.models.list()
+        assert models.data[0].id == MODEL and models.data[0].max_model_len == 64
+        tokens = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "Paris is"},
+                            headers={"Authorization": f"Bearer {KEY}"}).json()
+        text = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]},
+                          headers={"Authorization": f"Bearer {KEY}"}).json()
+        assert tokens["count"] == len(tokens["tokens"]) and text["prompt"] == "Paris is"
+    finally:
+        server.stop()
+
+
+def test_queue_limit_answers_429(llama_dir):
+    server = Server(llama_dir, max_queue=1, max_num_seqs=1, max_num_batched_tokens=8)
+
+    async def one(client):
+        try:
+            await client.completions.create(model=MODEL, prompt=[5] * 20, max_tokens=30, extra_body={"ignore_eos": True})
+            return 200
+        except openai.RateLimitError:
+            return 429
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        return await asyncio.gather(*[one(client) for _ in range(8)])
+
+    try:
+        codes = asyncio.run(main())
+        assert 429 in codes and 200 in codes
+        assert wait_until(server.pool_is_full)
+    finally:
+        server.stop()
+
+
+def test_fifty_streaming_clients_with_disconnects(server):
+    async def client_task(i, client):
+        stream = await client.completions.create(model=MODEL, prompt=[5 + i, 17, 33], max_tokens=24, temperature=0.8,
+                                                 seed=i, stream=True, extra_body={"ignore_eos": True})
+        received = 0
+        async for chunk in stream:
+            received += 1
+            if i % 5 == 0 and received == 3:
+                await stream.close()  # a fifth of the clients walk away midway
+                return "cancelled"
+            if chunk.choices and chunk.choices[0].finish_reason:
+                return chunk.choices[0].finish_reason
+        return "incomplete"
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                                    http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=60)))
+        return await asyncio.gather(*[client_task(i, client) for i in range(50)])
+
+    results = asyncio.run(main())
+    assert results.count("cancelled") == 10 and results.count("length") == 40
+    assert wait_until(lambda: server.engine.num_unfinished == 0 and server.pool_is_full())
