@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.engine import Engine
+from counterpoint.serving.metrics import Metrics
 from counterpoint.serving.outputs import RequestOutput, snapshot
 
 
@@ -30,9 +31,10 @@ class _Submission:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int | None = None):
+    def __init__(self, engine: Engine, max_queue: int | None = None, metrics: Metrics | None = None):
         self.engine = engine
         self.max_queue = max_queue
+        self.metrics = metrics
         self._inbox: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Submission] = {}
         self._ids = itertools.count()
@@ -79,13 +81,18 @@ class AsyncEngine:
         try:
             while not self._stop.is_set():
                 self._take_inbox(block=not self.engine.has_unfinished_requests())
-                for out in self.engine.step():
-                    self._deliver(out)
+                self._step()
         except BaseException as err:  # the loop must never die silently: fail every open request
             self.error = err
             for sub in list(self._sinks.values()):
                 sub.loop.call_soon_threadsafe(sub.sink.put_nowait, RuntimeError("the engine loop failed"))
             raise
+
+    def _step(self) -> None:
+        for out in self.engine.step():
+            self._deliver(out)
+        if self.metrics:
+            self.metrics.on_step(self.engine)
 
     def _take_inbox(self, block: bool) -> None:
         while True:
@@ -103,20 +110,26 @@ class AsyncEngine:
 
     def _add(self, sub: _Submission) -> None:
         try:
-            self.engine.add_request(sub.request_id, sub.prompt, sub.params)
+            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params)
         except (ValueError, NotImplementedError) as err:
             sub.loop.call_soon_threadsafe(sub.sink.put_nowait, err)
             return
         self._sinks[sub.request_id] = sub
+        if self.metrics:
+            self.metrics.on_add(request)
 
     def _abort(self, request_id: str) -> None:
         if self._sinks.pop(request_id, None) is not None:
-            self.engine.abort_request(request_id)
+            out = self.engine.abort_request(request_id)
+            if self.metrics and out is not None:
+                self.metrics.on_output(out)
 
     def _deliver(self, out: RequestOutput) -> None:
         sub = self._sinks.get(out.request_id)
         if sub is None:
             return
+        if self.metrics:
+            self.metrics.on_output(out)
         if out.finished:
             del self._sinks[out.request_id]
         # NOTE: outputs share lists with live hypotheses; hand the other thread a frozen copy.
@@ -125,8 +138,7 @@ class AsyncEngine:
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.engine.has_unfinished_requests() and time.monotonic() < deadline:
-            for out in self.engine.step():
-                self._deliver(out)
+            self._step()
         for request_id in list(self._sinks):
             self._abort(request_id)
         self._stop.set()

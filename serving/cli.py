@@ -91,6 +91,7 @@ def run_serve(args, parser) -> None:
     from counterpoint.serving.async_engine import AsyncEngine
     from counterpoint.serving.config import EngineConfig
     from counterpoint.serving.engine import Engine
+    from counterpoint.serving.metrics import Metrics
     from counterpoint.serving.server import build_app
 
     if args.quantization != "none":
@@ -102,7 +103,7 @@ def run_serve(args, parser) -> None:
                           block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_memory_gib=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
-    engine = AsyncEngine(Engine(config), args.max_queue)
+    engine = AsyncEngine(Engine(config), args.max_queue, Metrics(name))
     app = build_app(engine, name, args.api_key, args.shutdown_timeout)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.shutdown_timeout))
 

@@ -8,7 +8,8 @@ import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from counterpoint.serving import responses as R
 from counterpoint.serving.async_engine import AsyncEngine, QueueFull
@@ -48,6 +49,12 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
     @app.get("/health")
     async def health():
         return JSONResponse({}, status_code=200 if engine.is_alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        if engine.metrics is None:
+            raise APIError(404, "metrics are off for this server")
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():

@@ -16,6 +16,7 @@ from counterpoint.serving import LLM
 from counterpoint.serving.async_engine import AsyncEngine
 from counterpoint.serving.config import EngineConfig
 from counterpoint.serving.engine import Engine
+from counterpoint.serving.metrics import Metrics
 from counterpoint.serving.server import build_app
 from test_greedy_vs_transformers import hf_greedy
 
@@ -26,7 +27,7 @@ KEY = "secret-key"
 class Server:
     def __init__(self, model_dir, api_key=None, max_queue=None, **engine_args):
         self.engine = AsyncEngine(Engine(EngineConfig(model=str(model_dir), show_progress=False, **engine_args)),
-                                  max_queue)
+                                  max_queue, Metrics(MODEL))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -202,3 +203,37 @@ def test_fifty_streaming_clients_with_disconnects(server):
     results = asyncio.run(main())
     assert results.count("cancelled") == 10 and results.count("length") == 40
     assert wait_until(lambda: server.engine.num_unfinished == 0 and server.pool_is_full())
+
+
+def scrape(server) -> dict:
+    """/metrics parsed by prometheus_client's own parser: {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_parse_and_move(server):
+    label = (("model_name", MODEL),)
+    before = scrape(server)
+    client = server.client()
+    client.completions.create(model=MODEL, prompt=[5, 17, 33], max_tokens=7, temperature=0,
+                              extra_body={"ignore_eos": True})
+    client.completions.create(model=MODEL, prompt=[5, 17, 33, 40], max_tokens=3, temperature=0.7, seed=1,
+                              extra_body={"ignore_eos": True})
+    assert wait_until(lambda: scrape(server)[("counterpoint:generation_tokens_total", label)]
+                      - before.get(("counterpoint:generation_tokens_total", label), 0) == 10)
+    after = scrape(server)
+    delta = lambda key: after[key] - before.get(key, 0)  # noqa: E731
+    assert delta(("counterpoint:prompt_tokens_total", label)) == 7
+    assert delta(("counterpoint:request_success_total", (("finished_reason", "length"), ("model_name", MODEL)))) == 2
+    assert delta(("counterpoint:requests_by_decoding_total", (("method", "greedy"), ("model_name", MODEL)))) == 1
+    assert delta(("counterpoint:requests_by_decoding_total", (("method", "sampling"), ("model_name", MODEL)))) == 1
+    assert delta(("counterpoint:time_to_first_token_seconds_count", label)) == 2
+    assert delta(("counterpoint:e2e_request_latency_seconds_count", label)) == 2
+    assert delta(("counterpoint:inter_token_latency_seconds_count", label)) >= 2
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc"):
+        assert (f"counterpoint:{gauge}", label) in after
+    for counter in ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total"):
+        assert (f"counterpoint:{counter}", label) in after
