@@ -33,6 +33,14 @@ def random_workload(num_prompts: int, input_len: int, output_len: int, range_rat
     return Workload(prompts, [span(output_len) for _ in range(num_prompts)])
 
 
+def bundled_workload(tokenizer, num_prompts: int, output_len: int, seed: int) -> Workload:
+    """The text prompts `bench serve` sends, so offline and served runs can be compared."""
+    from counterpoint.serving.bench_serve import load_prompts
+
+    prompts = [tokenizer.encode(p) for p in load_prompts(None, num_prompts, seed)]
+    return Workload(prompts, [output_len] * num_prompts)
+
+
 def run_counterpoint(llm, work: Workload) -> float:
     params = [SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens]
     start = time.perf_counter()
@@ -65,8 +73,11 @@ def throughput(args) -> dict:
     for concurrency in args.concurrency:
         num_prompts = args.num_prompts or max(8, 4 * concurrency)
         llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency, show_progress=False)
-        work = random_workload(num_prompts, args.input_len, args.output_len, args.range_ratio,
-                               llm.engine.main.vocab_size, args.seed)
+        if args.dataset == "bundled":
+            work = bundled_workload(llm.get_tokenizer(), num_prompts, args.output_len, args.seed)
+        else:
+            work = random_workload(num_prompts, args.input_len, args.output_len, args.range_ratio,
+                                   llm.engine.main.vocab_size, args.seed)
         ours = run_counterpoint(llm, work)
         row = dict(concurrency=concurrency, num_prompts=num_prompts, output_tokens=work.num_output_tokens,
                    counterpoint_s=ours, counterpoint_tok_s=work.num_output_tokens / ours)
@@ -76,7 +87,7 @@ def throughput(args) -> dict:
             row["ratio"] = row["counterpoint_tok_s"] / row["transformers_tok_s"]
         results.append(row)
         _print_row(row)
-    return dict(benchmark="throughput", model=args.model, dtype=args.dtype, input_len=args.input_len,
+    return dict(benchmark="throughput", model=args.model, dtype=args.dtype, dataset=args.dataset, input_len=args.input_len,
                 output_len=args.output_len, range_ratio=args.range_ratio, threads=torch.get_num_threads(),
                 results=results)
 

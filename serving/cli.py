@@ -51,10 +51,25 @@ def _bench_parser(sub) -> None:
     t.add_argument("--input-len", type=positive_int, default=128)
     t.add_argument("--output-len", type=positive_int, default=128)
     t.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1-r)..len*(1+r)")
+    t.add_argument("--dataset", choices=["random", "bundled"], default="random",
+                   help="random-token prompts, or the bundled text prompts of bench serve (fixed output length)")
     t.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", default=None, help="write the results here")
     _add_engine_flags(t)
+    srv = bench.add_parser("serve", help="load an OpenAI-compatible server (this one or another)")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    srv.add_argument("--model", required=True, help="the served model id")
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--num-prompts", type=positive_int, default=64)
+    srv.add_argument("--dataset", default=None, help='JSONL with {"prompt": ...} per line (default: bundled set)')
+    srv.add_argument("--output-len", type=positive_int, default=128)
+    load = srv.add_mutually_exclusive_group()
+    load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
+    load.add_argument("--max-concurrency", type=positive_int, default=None)
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--plot", default=None, help="write latency/throughput plots to this PNG")
+    srv.add_argument("--json", default=None)
     lat = bench.add_parser("latency", help="end-to-end latency of one batch, time to first token")
     lat.add_argument("--model", required=True)
     lat.add_argument("--batch-size", type=positive_int, default=1)
@@ -173,7 +188,12 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "bench":
             from counterpoint.serving import bench
 
-            result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
+            if args.bench == "serve":
+                from counterpoint.serving.bench_serve import serve_benchmark
+
+                result = serve_benchmark(args)
+            else:
+                result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
             bench.write_json(result, args.json)
         elif args.command == "train":
             run_train(args)

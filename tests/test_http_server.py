@@ -237,3 +237,16 @@ def test_metrics_parse_and_move(server):
         assert (f"counterpoint:{gauge}", label) in after
     for counter in ("num_preemptions_total", "prefix_cache_queries_total", "prefix_cache_hits_total"):
         assert (f"counterpoint:{counter}", label) in after
+
+
+def test_bench_serve_reports_latencies(server, tmp_path):
+    from argparse import Namespace
+
+    from counterpoint.serving.bench_serve import serve_benchmark
+
+    args = Namespace(base_url=server.url, model=MODEL, api_key=None, num_prompts=6, dataset=None, output_len=5,
+                     request_rate=None, max_concurrency=3, seed=0, plot=str(tmp_path / "plot.png"), json=None)
+    summary = serve_benchmark(args)
+    assert summary["num_failed"] == 0 and summary["num_requests"] == 6
+    assert summary["output_token_throughput"] > 0 and (tmp_path / "plot.png").is_file()
+    assert summary["ttft_s"]["p50"] <= summary["e2e_latency_s"]["p50"]
