@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
+from counterpoint.serving.bench_serve import load_prompts, percentile
 
 
 @dataclass(frozen=True)
@@ -35,8 +36,6 @@ def random_workload(num_prompts: int, input_len: int, output_len: int, range_rat
 
 def bundled_workload(tokenizer, num_prompts: int, output_len: int, seed: int) -> Workload:
     """The text prompts `bench serve` sends, so offline and served runs can be compared."""
-    from counterpoint.serving.bench_serve import load_prompts
-
     prompts = [tokenizer.encode(p) for p in load_prompts(None, num_prompts, seed)]
     return Workload(prompts, [output_len] * num_prompts)
 
@@ -126,16 +125,11 @@ def latency(args) -> dict:
         times.append(time.perf_counter() - start)
         ttfts += [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
     result = dict(benchmark="latency", model=args.model, batch_size=args.batch_size, input_len=args.input_len,
-                  output_len=args.output_len, mean_s=statistics.mean(times), p50_s=_pct(times, 50),
-                  p90_s=_pct(times, 90), p99_s=_pct(times, 99), mean_ttft_s=statistics.mean(ttfts),
+                  output_len=args.output_len, mean_s=statistics.mean(times), p50_s=percentile(times, 50),
+                  p90_s=percentile(times, 90), p99_s=percentile(times, 99), mean_ttft_s=statistics.mean(ttfts),
                   per_token_ms=1000 * statistics.mean(times) / args.output_len)
     print(json.dumps(result, indent=2))
     return result
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 def write_json(result: dict, path: str | None) -> None:

@@ -89,8 +89,8 @@ async def run_load(args) -> tuple[list[RequestResult], float]:
 
 def summarize(results: list[RequestResult], elapsed: float) -> dict:
     ok = [r for r in results if r.ok]
-    stats = lambda xs: {"mean": statistics.mean(xs), "p50": _pct(xs, 50), "p90": _pct(xs, 90),  # noqa: E731
-                        "p99": _pct(xs, 99)} if xs else {}
+    stats = lambda xs: {"mean": statistics.mean(xs), "p50": percentile(xs, 50), "p90": percentile(xs, 90),  # noqa: E731
+                        "p99": percentile(xs, 99)} if xs else {}
     tokens = sum(r.output_tokens for r in ok)
     return {
         "num_requests": len(results), "num_failed": len(results) - len(ok), "duration_s": elapsed,
@@ -101,7 +101,7 @@ def summarize(results: list[RequestResult], elapsed: float) -> dict:
     }
 
 
-def _pct(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 

@@ -231,16 +231,17 @@ async def _merge(streams):
 
 
 async def _stream_completion(rid, body, params, streams, model, tokenizer):
-    created, sent, last = int(time.time()), {}, {}
-    for i, out in enumerate(_echo_first(body, streams, tokenizer)):
-        yield R.envelope("text_completion", rid, model, [out], created)
+    created, last = int(time.time()), {}
+    chars_sent, tokens_sent = {}, {}  # per (prompt index, choice index)
+    for chunk in _echo_first(body, streams, tokenizer):
+        yield R.envelope("text_completion", rid, model, [chunk], created)
     async for i, out in _merge(streams):
         last[i] = out
         for o in out.outputs:
             key = (i, o.index)
-            text = R.stream_text(o, params.stop_strings)
-            start_tok = sent.get(key, (0, 0))[1]
-            delta, sent[key] = text[sent.get(key, (0, 0))[0]:], (len(text), len(o.token_ids))
+            text, start_tok = R.stream_text(o, params.stop_strings), tokens_sent.get(key, 0)
+            delta = text[chars_sent.get(key, 0):]
+            chars_sent[key], tokens_sent[key] = len(text), len(o.token_ids)
             if not delta and o.finish_reason is None:
                 continue
             choice = {"index": i * body.n + o.index, "text": delta, "finish_reason": o.finish_reason,
