@@ -9,6 +9,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from counterpoint.decoding import SamplingParams
@@ -21,6 +22,10 @@ class QueueFull(RuntimeError):
     """More requests are waiting than --max-queue allows."""
 
 
+class Unavailable(RuntimeError):
+    """The engine is still loading, shutting down, or has failed."""
+
+
 @dataclass
 class _Submission:
     request_id: str
@@ -31,21 +36,35 @@ class _Submission:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_queue: int | None = None, metrics: Metrics | None = None):
-        self.engine = engine
+    def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int | None = None,
+                 metrics: Metrics | None = None):
+        """`engine` may be a factory: the model then loads in the loop thread while the server
+        already answers (/health says 503 until it is ready)."""
+        self.engine = engine if isinstance(engine, Engine) else None
+        self._factory = None if isinstance(engine, Engine) else engine
         self.max_queue = max_queue
         self.metrics = metrics
         self._inbox: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Submission] = {}
         self._ids = itertools.count()
         self._stop = threading.Event()
+        self._draining = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
     @property
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        """Loaded, looping, and taking requests."""
+        return self.engine is not None and self._thread.is_alive() and self.error is None and not self._draining
+
+    def check_available(self) -> None:
+        if self.error is not None:
+            raise Unavailable("the engine failed; see the server log")
+        if self.engine is None:
+            raise Unavailable("the model is still loading")
+        if self._draining:
+            raise Unavailable("the server is shutting down")
 
     @property
     def num_unfinished(self) -> int:
@@ -53,6 +72,7 @@ class AsyncEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, prefix: str = "req"):
         """Yields a RequestOutput per step that advanced the request; the last one is finished."""
+        self.check_available()
         if self.max_queue is not None and len(self.engine.scheduler.waiting) + self._inbox.qsize() >= self.max_queue:
             raise QueueFull(f"the server is at its queue limit ({self.max_queue} waiting requests)")
         request_id = f"{prefix}-{next(self._ids)}"
@@ -74,11 +94,14 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking work; let in-flight requests finish for up to `timeout` seconds."""
+        self._draining = True
         self._inbox.put(("drain", timeout))
         self._thread.join(timeout + 5)
 
     def _run(self) -> None:
         try:
+            if self.engine is None:
+                self.engine = self._factory()
             while not self._stop.is_set():
                 self._take_inbox(block=not self.engine.has_unfinished_requests())
                 self._step()

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from counterpoint.serving import responses as R
-from counterpoint.serving.async_engine import AsyncEngine, QueueFull
+from counterpoint.serving.async_engine import AsyncEngine, QueueFull, Unavailable
 from counterpoint.serving.engine import ContextLengthExceeded
 from counterpoint.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                            TokenizeRequest, error_body)
@@ -34,12 +34,15 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
 
     app = FastAPI(title="Counterpoint", lifespan=lifespan)
     app.state.engine, app.state.served_name = engine, served_name
-    tokenizer = engine.engine.tokenizer
     _install_error_handlers(app)
 
     def check_key(request: Request) -> None:
         if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
             raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+        try:
+            engine.check_available()
+        except Unavailable as err:
+            raise APIError(503, str(err), "service_unavailable") from err
 
     def check_model(name: str) -> None:
         if name != served_name:
@@ -65,6 +68,7 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
     @app.post("/tokenize", dependencies=[Depends(check_key)])
     async def tokenize(body: TokenizeRequest):
         check_model(body.model)
+        tokenizer = engine.engine.tokenizer
         if body.messages is not None:
             ids = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
                                                 tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -77,11 +81,13 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
     @app.post("/detokenize", dependencies=[Depends(check_key)])
     async def detokenize(body: DetokenizeRequest):
         check_model(body.model)
+        tokenizer = engine.engine.tokenizer
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
+        tokenizer = engine.engine.tokenizer
         params = _params(body)
         prompts = _or_400(body.prompts)
         streams = [await _started(engine.generate(p, params, "cmpl")) for p in prompts]
@@ -97,6 +103,7 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
+        tokenizer = engine.engine.tokenizer
         params = _params(body)
         prompt = _or_400(lambda: tokenizer.apply_chat_template(body.message_dicts(), tokenize=False,
                                                                add_generation_prompt=True))
@@ -122,6 +129,8 @@ def _or_400(fn):
 def _params(body):
     try:
         return body.to_sampling_params()
+    except NotImplementedError as err:
+        raise APIError(400, str(err), code="not_supported") from err
     except ValueError as err:
         message = str(err)
         raise APIError(400, message, param=message.split(" ", 1)[0]) from err
@@ -154,6 +163,8 @@ async def _started(gen) -> _Started:
         raise APIError(400, str(err)) from err
     except QueueFull as err:
         raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
+    except Unavailable as err:
+        raise APIError(503, str(err), "service_unavailable") from err
 
 
 async def _last(stream: _Started, request: Request):

@@ -25,9 +25,9 @@ KEY = "secret-key"
 
 
 class Server:
-    def __init__(self, model_dir, api_key=None, max_queue=None, **engine_args):
-        self.engine = AsyncEngine(Engine(EngineConfig(model=str(model_dir), show_progress=False, **engine_args)),
-                                  max_queue, Metrics(MODEL))
+    def __init__(self, model_dir, api_key=None, max_queue=None, engine=None, **engine_args):
+        engine = engine or Engine(EngineConfig(model=str(model_dir), show_progress=False, **engine_args))
+        self.engine = AsyncEngine(engine, max_queue, Metrics(MODEL))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -144,6 +144,8 @@ def test_error_statuses(llama_dir):
         assert err.value.body["code"] == "context_length_exceeded"
         with pytest.raises(openai.BadRequestError, match="not supported yet"):
             client.completions.create(model=MODEL, prompt="hi", extra_body={"use_beam_search": True})
+        with pytest.raises(openai.BadRequestError, match="documents are not supported yet"):
+            client.completions.create(model=MODEL, prompt="hi", extra_body={"documents": ["Paris is in France."]})
         with pytest.raises(openai.BadRequestError, match="context_contrast needs documents"):
             client.completions.create(model=MODEL, prompt="hi", extra_body={"context_contrast": {"method": "acd"}})
         with pytest.raises(openai.BadRequestError, match="messages"):
@@ -250,3 +252,63 @@ def test_bench_serve_reports_latencies(server, tmp_path):
     assert summary["num_failed"] == 0 and summary["num_requests"] == 6
     assert summary["output_token_throughput"] > 0 and (tmp_path / "plot.png").is_file()
     assert summary["ttft_s"]["p50"] <= summary["e2e_latency_s"]["p50"]
+
+
+def test_health_is_503_while_loading(llama_dir):
+    import threading as th
+
+    release = th.Event()
+
+    def slow_factory():
+        release.wait(30)
+        return Engine(EngineConfig(model=str(llama_dir), show_progress=False))
+
+    server = Server(llama_dir, engine=slow_factory)
+    try:
+        assert httpx.get(server.url + "/health").status_code == 503
+        resp = httpx.get(server.url + "/v1/models")
+        assert resp.status_code == 503 and "loading" in resp.json()["error"]["message"]
+        release.set()
+        assert wait_until(lambda: httpx.get(server.url + "/health").status_code == 200)
+        assert server.client().models.list().data[0].id == MODEL
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_sigterm_drains_in_flight_requests(llama_dir):
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "counterpoint.serving", "serve", "--model", f"{MODEL}={llama_dir}",
+                             "--port", str(port), "--shutdown-timeout", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _healthy(url), timeout=60)
+        body = {"model": MODEL, "prompt": [5, 17, 33], "max_tokens": 120, "stream": True, "ignore_eos": True}
+        finish = None
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+            for i, line in enumerate(resp.iter_lines()):
+                if i == 2:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream
+                if line.startswith("data: {"):
+                    finish = json.loads(line[6:])["choices"][0]["finish_reason"] or finish
+        assert finish == "length"
+        # uvicorn re-raises the signal once its graceful shutdown is done, so -SIGTERM is a clean exit.
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert "Finished server process" in proc.stdout.read()
+    finally:
+        proc.kill()
+
+
+def _healthy(url) -> bool:
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.HTTPError:
+        return False
