@@ -21,19 +21,19 @@ class DecodeGroup:
 
 def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoice]]:
     """(R, V) main-stream logits, R = total rows of all groups -> each group's token choices."""
-    parents, rows, generators = [], [], []
+    row_idx, parents, rows, generators, offset = [], [], [], [], 0
     for group in groups:
         for h, row in enumerate(group.rows):
-            parents += [(len(rows) + h, h)] * group.fanout
-        rows += group.rows
-    row_idx = torch.tensor([p[0] for p in parents], device=logits.device)
-    expanded = [rows[p[0]] for p in parents]
-    for group in groups:
-        generators += [group.generator] * (len(group.rows) * group.fanout)
-    logits = logits[row_idx]  # (R', V) one row per child
-    choices = _select(logits, expanded, generators)
-    for choice, (_, h) in zip(choices, parents):
-        choice.parent = h
+            row_idx += [offset + h] * group.fanout
+            parents += [h] * group.fanout
+            rows += [row] * group.fanout
+            generators += [group.generator] * group.fanout
+        offset += len(group.rows)
+    if len(row_idx) != logits.shape[0]:
+        logits = logits[torch.tensor(row_idx, device=logits.device)]  # (R', V) one row per child
+    choices = _select(logits, rows, generators)
+    for choice, parent in zip(choices, parents):
+        choice.parent = parent
     return _split(choices, groups)
 
 

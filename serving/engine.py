@@ -11,7 +11,7 @@ from counterpoint.serving.config import EngineConfig
 from counterpoint.serving.detokenizer import IncrementalDetokenizer
 from counterpoint.serving.model_slot import ModelSlot, load_slot
 from counterpoint.serving.output_builder import build_output, record_choice, record_prompt_logprobs
-from counterpoint.serving.request import Hypothesis, Request
+from counterpoint.serving.request import Request
 from counterpoint.serving.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from counterpoint.serving.outputs import RequestOutput
 

@@ -2,16 +2,16 @@
 
 import asyncio
 import contextlib
-import json
 import time
 import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from counterpoint.serving import responses as R
+from counterpoint.serving.streaming import sse, stream_chat, stream_completion
 from counterpoint.serving.async_engine import AsyncEngine, QueueFull, Unavailable
 from counterpoint.serving.engine import ContextLengthExceeded
 from counterpoint.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -93,7 +93,7 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
         streams = [await _started(engine.generate(p, params, "cmpl")) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_stream_completion(rid, body, params, streams, served_name, tokenizer))
+            return sse(stream_completion(rid, body, params, streams, served_name, tokenizer))
         finals = await asyncio.gather(*[_last(s, request) for s in streams])
         choices = [_completion_choice(i * body.n + o.index, out, o, body, tokenizer)
                    for i, out in enumerate(finals) for o in out.outputs]
@@ -110,7 +110,7 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
         stream = await _started(engine.generate(prompt, params, "chat"))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return _sse(_stream_chat(rid, body, params, stream, served_name))
+            return sse(stream_chat(rid, body, params, stream, served_name))
         out = await _last(stream, request)
         choices = [_chat_choice(o, body) for o in out.outputs]
         return {**R.envelope("chat.completion", rid, served_name, choices),
@@ -203,107 +203,6 @@ def _chat_choice(o, body) -> dict:
     if body.return_decoding_info:
         choice["decoding_info"] = R.decoding_info(o)
     return choice
-
-
-def _sse(gen) -> StreamingResponse:
-    async def lines():
-        async for chunk in gen:
-            yield f"data: {json.dumps(chunk)}\n\n"
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(lines(), media_type="text/event-stream")
-
-
-async def _merge(streams):
-    """Interleave several engine streams as (stream index, output)."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, stream):
-        try:
-            async for out in stream:
-                await queue.put((i, out))
-        finally:
-            await queue.put((i, None))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(streams)
-        while remaining:
-            i, out = await queue.get()
-            if out is None:
-                remaining -= 1
-            else:
-                yield i, out
-    finally:
-        for task in tasks:
-            task.cancel()
-        for s in streams:
-            await s.aclose()
-
-
-async def _stream_completion(rid, body, params, streams, model, tokenizer):
-    created, last = int(time.time()), {}
-    chars_sent, tokens_sent = {}, {}  # per (prompt index, choice index)
-    for chunk in _echo_first(body, streams, tokenizer):
-        yield R.envelope("text_completion", rid, model, [chunk], created)
-    async for i, out in _merge(streams):
-        last[i] = out
-        for o in out.outputs:
-            key = (i, o.index)
-            text, start_tok = R.stream_text(o, params.stop_strings), tokens_sent.get(key, 0)
-            delta = text[chars_sent.get(key, 0):]
-            chars_sent[key], tokens_sent[key] = len(text), len(o.token_ids)
-            if not delta and o.finish_reason is None:
-                continue
-            choice = {"index": i * body.n + o.index, "text": delta, "finish_reason": o.finish_reason,
-                      "logprobs": R.completion_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:], tokenizer)
-                      if body.logprobs is not None else None}
-            if body.return_decoding_info:
-                choice["decoding_info"] = R.decoding_info(o, start_tok)
-            yield R.envelope("text_completion", rid, model, [choice], created)
-    if body.include_usage:
-        finals = list(last.values())
-        yield {**R.envelope("text_completion", rid, model, [], created),
-               "usage": R.usage(sum(len(o.prompt_token_ids) for o in finals), R.num_completion_tokens(finals))}
-
-
-def _echo_first(body, streams, tokenizer):
-    if not body.echo:
-        return []
-    chunks = []
-    for i, s in enumerate(streams):
-        out = s.first
-        prompt_text = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
-        for j in range(body.n):
-            chunks.append({"index": i * body.n + j, "text": prompt_text, "finish_reason": None, "logprobs": None})
-    return chunks
-
-
-async def _stream_chat(rid, body, params, stream, model):
-    created, sent, tokens_sent, out = int(time.time()), {}, {}, None
-    for j in range(body.n):
-        yield R.envelope("chat.completion.chunk", rid, model,
-                         [{"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], created)
-    try:
-        async for out in stream:
-            for o in out.outputs:
-                text = R.stream_text(o, params.stop_strings)
-                delta, start_tok = text[sent.get(o.index, 0):], tokens_sent.get(o.index, 0)
-                sent[o.index], tokens_sent[o.index] = len(text), len(o.token_ids)
-                if not delta and o.finish_reason is None:
-                    continue
-                choice = {"index": o.index, "delta": {"content": delta} if delta else {},
-                          "finish_reason": o.finish_reason,
-                          "logprobs": R.chat_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:],
-                                                      body.top_logprobs or 0) if body.logprobs else None}
-                if body.return_decoding_info:
-                    choice["decoding_info"] = R.decoding_info(o, start_tok)
-                yield R.envelope("chat.completion.chunk", rid, model, [choice], created)
-    finally:
-        await stream.aclose()
-    if body.include_usage and out is not None:
-        yield {**R.envelope("chat.completion.chunk", rid, model, [], created),
-               "usage": R.usage(len(out.prompt_token_ids), R.num_completion_tokens([out]))}
 
 
 def _install_error_handlers(app: FastAPI) -> None:
