@@ -14,6 +14,28 @@ def add_train_parser(sub) -> None:
     merge.add_argument("config", help="YAML file: merge_method, slices, dtype")
     merge.add_argument("out", help="output directory")
     train.add_parser("defaults", help="build the bundled default expert and amateur into the cache; print paths")
+    _pretrain_parser(train)
+
+
+def _pretrain_parser(train) -> None:
+    from counterpoint.training.pretrain import PRESETS
+
+    p = train.add_parser("pretrain", help="train a BPE tokenizer and a Llama model from text files")
+    p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
+    p.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
+    p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="size preset")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--max-corpus-bytes", type=int, default=4_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -25,6 +47,17 @@ def run_train(args: argparse.Namespace) -> None:
         from counterpoint.training.merge import MergeConfig, run_merge
 
         print(run_merge(MergeConfig.from_yaml(args.config), args.out))
+    elif args.train == "pretrain":
+        from pathlib import Path
+
+        from counterpoint.training.pretrain import PretrainConfig, pretrain
+
+        fields = ("preset", "vocab_size", "seq_len", "batch_size", "steps", "lr", "warmup", "eval_every",
+                  "save_every", "max_corpus_bytes", "seed", "resume", "stop_at")
+        metrics = pretrain(PretrainConfig(out=Path(args.out), files=[Path(f) for f in args.files],
+                                          **{k: getattr(args, k) for k in fields}))
+        print(f"val loss {metrics['initial_val_loss']:.3f} -> {metrics['val_loss']:.3f} "
+              f"(perplexity {metrics['val_perplexity']:.1f}) after {metrics['steps']} steps")
     elif args.train == "defaults":
         from counterpoint.training.defaults import default_models
 
