@@ -15,19 +15,14 @@ def add_train_parser(sub) -> None:
     merge.add_argument("out", help="output directory")
     train.add_parser("defaults", help="build the bundled default expert and amateur into the cache; print paths")
     _pretrain_parser(train)
+    _distill_parser(train)
 
 
-def _pretrain_parser(train) -> None:
-    from counterpoint.training.pretrain import PRESETS
-
-    p = train.add_parser("pretrain", help="train a BPE tokenizer and a Llama model from text files")
-    p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
+def _add_loop_flags(p, steps: int) -> None:
     p.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
-    p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="size preset")
-    p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--eval-every", type=int, default=100)
@@ -36,6 +31,35 @@ def _pretrain_parser(train) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+
+
+LOOP_FIELDS = ("seq_len", "batch_size", "steps", "lr", "warmup", "eval_every", "save_every", "max_corpus_bytes",
+               "seed", "resume", "stop_at")
+
+
+def _distill_parser(train) -> None:
+    from counterpoint.training.pretrain import PRESETS
+
+    p = train.add_parser("distill", help="train a student from a teacher with the same vocabulary")
+    p.add_argument("teacher", help="teacher HF directory")
+    p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
+    p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="student size preset")
+    p.add_argument("--init-layers", type=int, default=None, help="start from the teacher's first K layers instead")
+    p.add_argument("--w-ce", type=float, default=0.5)
+    p.add_argument("--w-kl", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--w-hidden", type=float, default=0.0, help="hidden-state MSE through a projection (dropped on save)")
+    _add_loop_flags(p, steps=300)
+
+
+def _pretrain_parser(train) -> None:
+    from counterpoint.training.pretrain import PRESETS
+
+    p = train.add_parser("pretrain", help="train a BPE tokenizer and a Llama model from text files")
+    p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
+    p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="size preset")
+    p.add_argument("--vocab-size", type=int, default=4096)
+    _add_loop_flags(p, steps=300)
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -52,12 +76,21 @@ def run_train(args: argparse.Namespace) -> None:
 
         from counterpoint.training.pretrain import PretrainConfig, pretrain
 
-        fields = ("preset", "vocab_size", "seq_len", "batch_size", "steps", "lr", "warmup", "eval_every",
-                  "save_every", "max_corpus_bytes", "seed", "resume", "stop_at")
+        fields = ("preset", "vocab_size") + LOOP_FIELDS
         metrics = pretrain(PretrainConfig(out=Path(args.out), files=[Path(f) for f in args.files],
                                           **{k: getattr(args, k) for k in fields}))
         print(f"val loss {metrics['initial_val_loss']:.3f} -> {metrics['val_loss']:.3f} "
               f"(perplexity {metrics['val_perplexity']:.1f}) after {metrics['steps']} steps")
+    elif args.train == "distill":
+        from pathlib import Path
+
+        from counterpoint.training.distill import DistillConfig, distill
+
+        fields = ("preset", "init_layers", "w_ce", "w_kl", "temperature", "w_hidden") + LOOP_FIELDS
+        metrics = distill(DistillConfig(teacher=Path(args.teacher), out=Path(args.out),
+                                        files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in fields}))
+        print(f"KL to the teacher {metrics['val_kl_before']:.3f} -> {metrics['val_kl']:.3f}; "
+              f"validation perplexity {metrics['val_perplexity']:.1f} after {metrics['steps']} steps")
     elif args.train == "defaults":
         from counterpoint.training.defaults import default_models
 

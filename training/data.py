@@ -52,4 +52,8 @@ def pack(texts: list[str], tokenizer, seq_len: int, val_fraction: float, seed: i
         usable = len(ids) // (seq_len + 1) * (seq_len + 1)
         return torch.tensor(ids[:usable]).view(-1, seq_len + 1)
 
-    return rows(docs[num_val:]), rows(docs[:num_val])
+    train, val = rows(docs[num_val:]), rows(docs[:num_val])
+    if not len(train) or not len(val):
+        raise ValueError(f"the corpus is too small for {seq_len}-token rows in both splits "
+                         f"({len(train)} train, {len(val)} validation); give more text or a shorter seq_len")
+    return train, val

@@ -76,11 +76,13 @@ def pretrain(cfg: PretrainConfig, show_progress: bool = True) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state = {"step": 0, "history": [], "val": []}
     if cfg.resume and (out / CHECKPOINT).is_file():
-        state = _load_checkpoint(out, model, optimizer)
+        state = load_checkpoint(out, model, optimizer)
     initial_val = state["val"][0][1] if state["val"] else evaluate(model, val_rows)
     if not state["val"]:
         state["val"].append((0, initial_val))
-    _train(cfg, model, optimizer, train_rows, val_rows, state, out, show_progress)
+    loss_fn = lambda batch: lm_loss(model, batch)  # noqa: E731
+    eval_fn = lambda: evaluate(model, val_rows)  # noqa: E731
+    train_loop(cfg, model, optimizer, train_rows, state, out, loss_fn, eval_fn, show_progress)
     final_val = evaluate(model, val_rows)
     metrics = {"initial_val_loss": initial_val, "val_loss": final_val, "val_perplexity": math.exp(final_val),
                "steps": state["step"], "train_tokens": state["step"] * cfg.batch_size * cfg.seq_len,
@@ -103,15 +105,21 @@ def _model_config(cfg: PretrainConfig, tokenizer) -> LlamaConfig:
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **PRESETS[cfg.preset])
 
 
-def _autocast(device_type: str = "cpu"):
+def autocast(device_type: str = "cpu"):
     # bf16 matmuls where the hardware has them; float32 otherwise.
     supported = torch.cuda.is_bf16_supported() if device_type == "cuda" else torch.backends.mkldnn.is_available()
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=supported)
 
 
-def _train(cfg, model, optimizer, train_rows, val_rows, state, out, show_progress) -> None:
+def lm_loss(model, batch: torch.Tensor) -> torch.Tensor:
+    with autocast():
+        return model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone(), use_cache=False).loss
+
+
+def train_loop(cfg, model, optimizer, train_rows, state, out, loss_fn, eval_fn, show_progress, name="pretrain"):
+    """Steps from state["step"] to cfg.steps (or cfg.stop_at); `model` is every trained module."""
     last = min(cfg.steps, cfg.stop_at or cfg.steps)
-    bar = tqdm(total=last, initial=state["step"], desc="pretrain", disable=not show_progress)
+    bar = tqdm(total=last, initial=state["step"], desc=name, disable=not show_progress)
     model.train()
     while state["step"] < last:
         step = state["step"]
@@ -120,8 +128,7 @@ def _train(cfg, model, optimizer, train_rows, val_rows, state, out, show_progres
                                          generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step))]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
-        with _autocast():
-            loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone(), use_cache=False).loss
+        loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -132,7 +139,7 @@ def _train(cfg, model, optimizer, train_rows, val_rows, state, out, show_progres
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tok_s:.0f}")
         bar.update(1)
         if state["step"] % cfg.eval_every == 0:
-            state["val"].append((state["step"], evaluate(model, val_rows)))
+            state["val"].append((state["step"], eval_fn()))
             bar.write(f"step {state['step']}: val loss {state['val'][-1][1]:.3f}")
         if state["step"] % cfg.save_every == 0 or state["step"] == last:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, out / CHECKPOINT)
@@ -147,7 +154,7 @@ def evaluate(model, rows: torch.Tensor, batch_size: int = 16, max_rows: int = 25
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
         batch = rows[i : i + batch_size]
-        with _autocast():
+        with autocast():
             loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1].clone(), use_cache=False).loss
         total += loss.item() * len(batch)
         count += len(batch)
@@ -155,7 +162,7 @@ def evaluate(model, rows: torch.Tensor, batch_size: int = 16, max_rows: int = 25
     return total / count
 
 
-def _load_checkpoint(out: Path, model, optimizer) -> dict:
+def load_checkpoint(out: Path, model, optimizer) -> dict:
     saved = torch.load(out / CHECKPOINT, weights_only=False)
     model.load_state_dict(saved.pop("model"))
     optimizer.load_state_dict(saved.pop("optimizer"))
