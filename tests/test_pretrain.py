@@ -4,6 +4,7 @@ the output loads in transformers and in the engine."""
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -49,3 +50,24 @@ def test_resume_continues_from_the_same_step(tmp_path):
     wa, wb = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(llama_dir, tmp_path):
+    import math
+
+    from counterpoint.training.data import pack
+    from counterpoint.training.perplexity import perplexity
+    from transformers import AutoTokenizer
+
+    texts = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" * 8 for i in range(40)]
+    got = perplexity(llama_dir, texts, seq_len=32, max_rows=16, seed=0)
+    _, rows = pack(texts, AutoTokenizer.from_pretrained(llama_dir), 32, 0.2, 0)
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    nll, count = 0.0, 0
+    for row in rows[:16, :-1]:
+        with torch.no_grad():
+            logq = torch.log_softmax(model(row[None]).logits[0].float(), -1)
+        for pos in range(len(row) - 1):
+            nll -= logq[pos, row[pos + 1]].item()
+            count += 1
+    assert got == pytest.approx(math.exp(nll / count), rel=0.02)  # bf16 autocast where the CPU has it

@@ -16,6 +16,11 @@ def add_train_parser(sub) -> None:
     train.add_parser("defaults", help="build the bundled default expert and amateur into the cache; print paths")
     _pretrain_parser(train)
     _distill_parser(train)
+    ppl = train.add_parser("perplexity", help="held-out perplexity of models on the same text")
+    ppl.add_argument("models", nargs="+")
+    ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
+    ppl.add_argument("--seq-len", type=int, default=256)
+    ppl.add_argument("--max-rows", type=int, default=64)
 
 
 def _add_loop_flags(p, steps: int) -> None:
@@ -91,6 +96,14 @@ def run_train(args: argparse.Namespace) -> None:
                                         files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in fields}))
         print(f"KL to the teacher {metrics['val_kl_before']:.3f} -> {metrics['val_kl']:.3f}; "
               f"validation perplexity {metrics['val_perplexity']:.1f} after {metrics['steps']} steps")
+    elif args.train == "perplexity":
+        from pathlib import Path
+
+        from counterpoint.training.perplexity import compare
+
+        for model, value in compare([Path(m) for m in args.models], [Path(f) for f in args.files], args.seq_len,
+                                    args.max_rows).items():
+            print(f"{value:10.2f}  {model}")
     elif args.train == "defaults":
         from counterpoint.training.defaults import default_models
 
