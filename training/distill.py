@@ -6,7 +6,7 @@ passthrough slice of the teacher's first layers. The projection P is dropped on 
 """
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,34 +17,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from counterpoint.training.checkpoint import write_provenance
 from counterpoint.training.data import default_corpus, pack, read_texts
 from counterpoint.training.merge import MergeConfig, run_merge
-from counterpoint.training.pretrain import CHECKPOINT, PRESETS, autocast, load_checkpoint, train_loop
+from counterpoint.training.pretrain import CHECKPOINT, PRESETS, LoopConfig, autocast, load_checkpoint, train_loop
 
 
-@dataclass(frozen=True)
-class DistillConfig:
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig(LoopConfig):
     teacher: Path
-    out: Path
-    files: list[Path] = field(default_factory=list)
     preset: str = "tiny"
     init_layers: int | None = None  # start from the teacher's first k layers instead of a preset
     w_ce: float = 0.5
     w_kl: float = 0.5
     temperature: float = 2.0
     w_hidden: float = 0.0
-    seq_len: int = 128
-    batch_size: int = 16
-    steps: int = 300
-    lr: float = 3e-3
-    warmup: int = 30
-    val_fraction: float = 0.05
-    eval_every: int = 100
-    save_every: int = 100
-    max_corpus_bytes: int | None = 4_000_000
-    seed: int = 0
-    resume: bool = False
-    stop_at: int | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.init_layers is None and self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         if self.temperature <= 0:
@@ -114,7 +101,7 @@ def distill(cfg: DistillConfig, show_progress: bool = True) -> dict:
     train_rows, val_rows = pack(read_texts(files, cfg.max_corpus_bytes), tokenizer, cfg.seq_len, cfg.val_fraction,
                                 cfg.seed)
     trained = Distiller(_student(cfg, teacher, out), teacher.config.hidden_size if cfg.w_hidden else None)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     state = {"step": 0, "history": [], "val": []}
     if cfg.resume and (out / CHECKPOINT).is_file():
         state = load_checkpoint(out, trained, optimizer)

@@ -27,12 +27,12 @@ PRESETS = {
 CHECKPOINT = "checkpoint.pt"
 
 
-@dataclass(frozen=True)
-class PretrainConfig:
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """What every training command shares: data, optimisation schedule, checkpoints."""
+
     out: Path
     files: list[Path] = field(default_factory=list)  # empty: the standard library's .py files
-    preset: str = "tiny"
-    vocab_size: int = 4096
     seq_len: int = 128
     batch_size: int = 16
     steps: int = 300
@@ -48,13 +48,24 @@ class PretrainConfig:
     stop_at: int | None = None  # end this run early (the schedule still spans `steps`)
 
     def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-        for name in ("vocab_size", "seq_len", "batch_size", "steps", "eval_every", "save_every"):
+        for name in ("seq_len", "batch_size", "steps", "eval_every", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1); got {self.val_fraction}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig(LoopConfig):
+    preset: str = "tiny"
+    vocab_size: int = 4096
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1; got {self.vocab_size}")
 
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
