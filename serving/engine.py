@@ -92,7 +92,7 @@ class Engine:
     def _check_fits_pool(self, num_prompt: int, max_tokens: int, params: SamplingParams) -> None:
         # NOTE: a request that cannot fit the whole pool alone would wait forever; refuse it now.
         bs, pool = self.config.block_size, self.main.kv.pool
-        num_children = params.best_of or params.n
+        num_children = params.beam_width  # best_of or n: the hypotheses that run at once
         need = -(-(num_prompt + max_tokens) // bs)
         if num_children > 1:  # children share the prompt's full blocks, each owns the rest
             need = num_prompt // bs + num_children * (-(-(num_prompt % bs + max_tokens) // bs))

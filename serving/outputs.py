@@ -1,6 +1,6 @@
 """What the engine returns for a request, shaped like vLLM's RequestOutput."""
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 @dataclass(slots=True)
@@ -40,7 +40,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    num_cached_tokens: int = field(default=0)
 
 
 def snapshot(out: RequestOutput) -> RequestOutput:

@@ -108,7 +108,3 @@ class Request:
 
     def sequences(self) -> list[Sequence]:
         return [s for h in self.hypotheses for s in h.seqs.values()]
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == RequestStatus.FINISHED
