@@ -1,9 +1,12 @@
 """One decoding step for a batch of requests: combine, process, select (DESIGN.md)."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from counterpoint.decoding import combine
+from counterpoint.decoding.beam import BeamSearch, Candidate
 from counterpoint.decoding.params import SamplingParams
 from counterpoint.decoding.processing import Row, process
 from counterpoint.decoding.selection import TokenChoice, describe, sample_rows
@@ -17,10 +20,57 @@ class DecodeGroup:
     rows: list[Row]
     fanout: int  # children per hypothesis: n on the first step of parallel sampling, else 1
     generator: torch.Generator | None
+    amateur: torch.Tensor | None = None  # (rows, V_A) amateur-stream logits for contrastive decoding
+    beam: BeamSearch | None = None
+    make_finished: Callable[[TokenChoice], object] | None = None  # beam search: payload of a finished slot
+    beam_done: bool = False  # set by the step: the beam search is over
 
 
 def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoice]]:
-    """(R, V) main-stream logits, R = total rows of all groups -> each group's token choices."""
+    """(R, V) main-stream logits, R = total rows of all groups -> each group's token choices.
+
+    For a beam-search group the choices are its running beams after the step.
+    """
+    combined, offsets = _combine(logits, groups), _offsets(groups)
+    plain = [g for g in groups if g.beam is None]
+    plain_idx = [i for i, g in enumerate(groups) if g.beam is None]
+    results: list[list[TokenChoice] | None] = [None] * len(groups)
+    if plain:
+        rows = torch.cat([torch.arange(offsets[i], offsets[i] + len(groups[i].rows)) for i in plain_idx])
+        for i, choices in zip(plain_idx, _step_plain(combined[rows.to(logits.device)], logits[rows.to(logits.device)],
+                                                     plain)):
+            results[i] = choices
+    for i, group in enumerate(groups):
+        if group.beam is not None:
+            span = slice(offsets[i], offsets[i] + len(group.rows))
+            results[i] = _step_beam(combined[span], logits[span], group)
+    return results
+
+
+def _offsets(groups: list[DecodeGroup]) -> list[int]:
+    offsets, total = [], 0
+    for group in groups:
+        offsets.append(total)
+        total += len(group.rows)
+    return offsets
+
+
+def _combine(logits: torch.Tensor, groups: list[DecodeGroup]) -> torch.Tensor:
+    if not any(g.amateur is not None for g in groups):
+        return logits
+    out, start = logits.float().clone(), 0
+    for group in groups:
+        end = start + len(group.rows)
+        if group.amateur is not None:
+            width = group.params.beam_width if group.beam is not None else 1
+            n = end - start
+            out[start:end] = combine.contrastive(logits[start:end], group.amateur, [group.params.contrastive] * n,
+                                                 [width] * n)
+        start = end
+    return out
+
+
+def _step_plain(combined: torch.Tensor, raw: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoice]]:
     row_idx, parents, rows, generators, offset = [], [], [], [], 0
     for group in groups:
         for h, row in enumerate(group.rows):
@@ -29,9 +79,10 @@ def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoi
             rows += [row] * group.fanout
             generators += [group.generator] * group.fanout
         offset += len(group.rows)
-    if len(row_idx) != logits.shape[0]:
-        logits = logits[torch.tensor(row_idx, device=logits.device)]  # (R', V) one row per child
-    choices = _select(logits, rows, generators)
+    if len(row_idx) != combined.shape[0]:
+        idx = torch.tensor(row_idx, device=combined.device)  # one row per child
+        combined, raw = combined[idx], raw[idx]
+    choices = _select(combined, raw, rows, generators)
     for choice, parent in zip(choices, parents):
         choice.parent = parent
     return _split(choices, groups)
@@ -45,26 +96,52 @@ def _needs_processing(rows: list[Row]) -> bool:
     )
 
 
-def _select(logits: torch.Tensor, rows: list[Row], generators: list) -> list[TokenChoice]:
+def _select(combined: torch.Tensor, raw: torch.Tensor, rows: list[Row], generators: list) -> list[TokenChoice]:
     if not _needs_processing(rows):
-        # NOTE: the all-greedy fast path: argmax of the raw logits is argmax of log q.
-        return [TokenChoice(-1, t, None, None, []) for t in logits.argmax(dim=-1).tolist()]
-    logq = process(logits, rows)
+        # NOTE: the all-greedy fast path: argmax of the combined logits is argmax of log q.
+        return [TokenChoice(-1, t, None, None, []) for t in combined.argmax(dim=-1).tolist()]
+    logq = process(combined, rows)
     is_greedy = [r.params.is_greedy for r in rows]
     tokens = sample_rows(logq.exp(), is_greedy, generators)
-    info = describe(logq, tokens, [r.params.logprobs or 0 for r in rows])
-    raw = _raw_logprobs(logits, tokens, rows)
-    return [
-        TokenChoice(-1, t, lp, rank, top, raw[i])
-        for i, (t, (lp, rank, top)) in enumerate(zip(tokens.tolist(), info))
-    ]
+    return _choices(logq, raw, torch.arange(len(rows), device=logq.device), tokens, rows)
 
 
-def _raw_logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> list[float | None]:
-    if not any(r.params.return_decoding_info for r in rows):
-        return [None] * len(rows)
-    raw = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None]).squeeze(1).tolist()
-    return [v if r.params.return_decoding_info else None for v, r in zip(raw, rows)]
+def _choices(logq, raw, row_idx: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> list[TokenChoice]:
+    """TokenChoice per (row, token), with logprob, rank, top alternatives and raw main logprob."""
+    picked_rows = [rows[i] for i in row_idx.tolist()]
+    info = describe(logq[row_idx], tokens, [r.params.logprobs or 0 for r in picked_rows])
+    raw_lp = [None] * len(picked_rows)
+    if any(r.params.return_decoding_info for r in picked_rows):
+        raw_lp = torch.log_softmax(raw[row_idx].float(), dim=-1).gather(1, tokens[:, None]).squeeze(1).tolist()
+    return [TokenChoice(-1, t, lp, rank, top, raw_lp[i] if picked_rows[i].params.return_decoding_info else None)
+            for i, (t, (lp, rank, top)) in enumerate(zip(tokens.tolist(), info))]
+
+
+def _step_beam(combined: torch.Tensor, raw: torch.Tensor, group: DecodeGroup) -> list[TokenChoice]:
+    logq = process(combined, group.rows)
+
+    def choose(candidates: list[Candidate]) -> list[TokenChoice]:
+        idx = torch.tensor([c.parent for c in candidates], device=logq.device)
+        tokens = torch.tensor([c.token_id for c in candidates], device=logq.device)
+        choices = _choices(logq, raw, idx, tokens, group.rows)
+        for choice, candidate in zip(choices, candidates):
+            choice.parent = candidate.parent
+        return choices
+
+    beam_step = group.beam.step(
+        logq, len(group.rows[0].output_ids),
+        hits_stop=lambda parent, token: stops(group.rows[parent], token, group.beam.max_tokens),
+        make_finished=lambda candidate: group.make_finished(choose([candidate])[0]),
+    )
+    group.beam_done = beam_step.done
+    return choose(beam_step.running)
+
+
+def stops(row: Row, token: int, max_tokens: int) -> bool:
+    """Does appending `token` end this hypothesis (beam search's stopping criteria)?"""
+    p, length = row.params, len(row.output_ids) + 1
+    ended = token in (p.stop_token_ids or ()) or (token in row.eos_ids and not p.ignore_eos)
+    return (ended and length >= p.min_tokens) or length >= max_tokens
 
 
 def _split(choices: list[TokenChoice], groups: list[DecodeGroup]) -> list[list[TokenChoice]]:

@@ -31,6 +31,7 @@ class _Submission:
     request_id: str
     prompt: str | list[int]
     params: SamplingParams
+    model: str | None
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
 
@@ -70,14 +71,16 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         return len(self._sinks) + self._inbox.qsize()
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, prefix: str = "req"):
-        """Yields a RequestOutput per step that advanced the request; the last one is finished."""
+    async def generate(self, prompt: str | list[int], params: SamplingParams, prefix: str = "req",
+                       model: str | None = None):
+        """Yields a RequestOutput per step that advanced the request; the last one is finished.
+        `model` is a served name (default: the first model)."""
         self.check_available()
         if self.max_queue is not None and len(self.engine.scheduler.waiting) + self._inbox.qsize() >= self.max_queue:
             raise QueueFull(f"the server is at its queue limit ({self.max_queue} waiting requests)")
         request_id = f"{prefix}-{next(self._ids)}"
         sink: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(("add", _Submission(request_id, prompt, params, asyncio.get_running_loop(), sink)))
+        self._inbox.put(("add", _Submission(request_id, prompt, params, model, asyncio.get_running_loop(), sink)))
         finished = False
         try:
             while True:
@@ -133,7 +136,7 @@ class AsyncEngine:
 
     def _add(self, sub: _Submission) -> None:
         try:
-            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params)
+            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params, sub.model)
         except (ValueError, NotImplementedError) as err:
             sub.loop.call_soon_threadsafe(sub.sink.put_nowait, err)
             return

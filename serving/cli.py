@@ -33,8 +33,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--n", type=positive_int, default=1)
-    p.add_argument("--beam-width", type=positive_int, default=None)
-    p.add_argument("--amateur", default=None)
+    p.add_argument("--beam-width", type=positive_int, default=None, help="beam search of this width")
+    p.add_argument("--amateur", default=None,
+                   help="contrastive decoding against this model directory ('default': the bundled amateur)")
     p.add_argument("--cd-alpha", type=float, default=0.1)
     p.add_argument("--cd-beta", type=float, default=1.0)
     p.add_argument("--document", action="append", default=None)
@@ -111,10 +112,12 @@ def run_serve(args, parser) -> None:
 
     if args.quantization != "none":
         parser.error(f"--quantization {args.quantization} is not supported yet")
-    if args.model and len(args.model) > 1:
-        parser.error("serving several models (an amateur for contrastive decoding) is not supported yet")
-    name, path = _model_arg(args.model[0]) if args.model else _default_model()
-    config = EngineConfig(model=path, served_name=name, dtype=args.dtype, device=args.device,
+    models = [_model_arg(m) for m in args.model] if args.model else _default_models()
+    names = [name for name, _ in models]
+    if len(set(names)) < len(names):
+        parser.error(f"--model: served names must be unique; got {', '.join(names)}")
+    (name, path), extra = models[0], tuple(models[1:])
+    config = EngineConfig(model=path, served_name=name, extra_models=extra, dtype=args.dtype, device=args.device,
                           block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_memory_gib=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len)
@@ -122,7 +125,7 @@ def run_serve(args, parser) -> None:
     # engine from waiting out the default 5 ms slice (measured: +8% served tokens/s at 8 clients).
     sys.setswitchinterval(0.0002)
     engine = AsyncEngine(lambda: Engine(config), args.max_queue, Metrics(name))
-    app = build_app(engine, name, args.api_key, args.shutdown_timeout)
+    app = build_app(engine, names, args.api_key, args.shutdown_timeout)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.shutdown_timeout))
 
 
@@ -136,11 +139,12 @@ def _model_arg(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _default_model() -> tuple[str, str]:
+def _default_models() -> list[tuple[str, str]]:
+    """The bundled expert, then its amateur for contrastive decoding."""
     from counterpoint.training.defaults import default_models
 
-    expert = default_models().expert
-    return expert.name, str(expert)
+    models = default_models()
+    return [(models.expert.name, str(models.expert)), (models.amateur.name, str(models.amateur))]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,21 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
 def run_generate(args, parser) -> None:
     from counterpoint.serving import LLM
 
-    for flag, value in (("--beam-width", args.beam_width), ("--amateur", args.amateur),
-                        ("--document", args.document), ("--context-contrast", args.context_contrast)):
+    from counterpoint.serving.llm import AMATEUR
+
+    for flag, value in (("--document", args.document), ("--context-contrast", args.context_contrast)):
         if value is not None:
             parser.error(f"{flag} is not supported yet")
-    try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n)
-    except ValueError as err:
-        parser.error(str(err))
-    model = args.model
-    if model is None:
+    model, amateur = args.model, args.amateur
+    if model is None or amateur == "default":
         from counterpoint.training.defaults import default_models
 
-        model = str(default_models().expert)
-    llm = LLM(model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
+        defaults = default_models()
+        model = model or str(defaults.expert)
+        amateur = str(defaults.amateur) if amateur == "default" else amateur
+    contrastive = {"amateur": AMATEUR, "alpha": args.cd_alpha, "beta": args.cd_beta} if amateur else None
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n,
+                                use_beam_search=args.beam_width is not None, best_of=args.beam_width,
+                                contrastive=contrastive)
+    except ValueError as err:
+        parser.error(str(err))
+    llm = LLM(model, amateur=amateur, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len)
     prompt = args.prompt
     if args.chat:
         prompt = llm.get_tokenizer().apply_chat_template(

@@ -1,6 +1,7 @@
 """Engine configuration: one frozen dataclass, validated with messages that name the field."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -8,7 +9,8 @@ import torch
 @dataclass(frozen=True)
 class EngineConfig:
     model: str
-    served_name: str | None = None
+    served_name: str | None = None  # default: the model directory's name
+    extra_models: tuple[tuple[str, str], ...] = ()  # (served name, path): amateurs and other models
     dtype: str = "auto"
     device: str = "auto"
     block_size: int = 16
@@ -37,6 +39,16 @@ class EngineConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}; got {getattr(self, name)!r}")
+
+    @property
+    def models(self) -> list[tuple[str, str]]:
+        """(served name, path) of every model, the default one first."""
+        models = [(self.served_name or Path(self.model).resolve().name, str(self.model))] + list(self.extra_models)
+        names = [name for name, _ in models]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"model names must be unique; {duplicated[0]!r} is given twice")
+        return models
 
     @property
     def torch_device(self) -> torch.device:

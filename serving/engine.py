@@ -10,7 +10,8 @@ from counterpoint.decoding.processing import Row
 from counterpoint.serving.config import EngineConfig
 from counterpoint.serving.detokenizer import IncrementalDetokenizer
 from counterpoint.serving.model_slot import ModelSlot, load_slot
-from counterpoint.serving.output_builder import build_output, record_choice, record_prompt_logprobs
+from counterpoint.serving.hypotheses import apply_beams, apply_sampled, finished_beam, free
+from counterpoint.serving.output_builder import build_output, record_prompt_logprobs
 from counterpoint.serving.request import Request
 from counterpoint.serving.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from counterpoint.serving.outputs import RequestOutput
@@ -20,18 +21,32 @@ class ContextLengthExceeded(ValueError):
     """The prompt (plus max_tokens) does not fit the model's context."""
 
 
+class InvalidRequest(ValueError):
+    """A request the engine cannot run as asked; `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         torch.manual_seed(config.seed)
         self.config = config
         self.device = config.torch_device
-        self.main: ModelSlot = load_slot("main", config.model, config)
-        self.slots = {"main": self.main}
+        self.slots: dict[str, ModelSlot] = {name: load_slot(name, path, config) for name, path in config.models}
+        self.default_model = next(iter(self.slots))
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.num_batched_tokens),
             {name: slot.kv for name, slot in self.slots.items()},
         )
         self.requests: dict[str, Request] = {}
+        self._same_vocab: dict[tuple[str, str], bool] = {}
+
+    @property
+    def main(self) -> ModelSlot:
+        """The default model's slot."""
+        return self.slots[self.default_model]
 
     @property
     def tokenizer(self):
@@ -43,15 +58,21 @@ class Engine:
 
     # ---- requests in and out -------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Request:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    model: str | None = None) -> Request:
+        """Queue a request on `model` (a served name; default: the first model)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        max_tokens = self._validate(ids, params)
-        request = Request(request_id, text, ids, params, self.main.eos_ids, max_tokens)
+        if model is not None and model not in self.slots:
+            raise InvalidRequest(f"model {model!r} is not served; served: {', '.join(self.slots)}", "model")
+        slot = self.slots[model or self.default_model]
+        streams = self._streams(slot, params)
+        text, ids = (prompt, slot.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        max_tokens = self._validate(ids, params, [self.slots[m] for m in streams.values()])
+        request = Request(request_id, text, ids, params, slot.eos_ids, max_tokens, streams)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        request.hypotheses[0].detok = IncrementalDetokenizer.for_prompt(self.tokenizer, ids, params.skip_special_tokens)
+        request.hypotheses[0].detok = IncrementalDetokenizer.for_prompt(slot.tokenizer, ids, params.skip_special_tokens)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -62,44 +83,66 @@ class Engine:
             return None
         self.scheduler.finish(request)
         self._finish_all(request, "abort")
-        return build_output(request, self.tokenizer)
+        return build_output(request, self._tokenizer(request))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> int:
-        """Checks the request fits; returns its effective max_tokens."""
-        unsupported = [name for name, on in (("use_beam_search", params.use_beam_search),
-                                             ("contrastive", params.contrastive is not None),
-                                             ("context_contrast", params.context_contrast is not None)) if on]
-        if unsupported:
-            raise NotImplementedError(f"{unsupported[0]} is not supported yet")
+    def _streams(self, slot: ModelSlot, params: SamplingParams) -> dict[str, str]:
+        """Stream name -> model slot for a request on `slot`."""
+        if params.context_contrast is not None:
+            raise NotImplementedError("context_contrast is not supported yet")
+        if params.contrastive is None:
+            return {"main": slot.name}
+        amateur = params.contrastive.amateur
+        if amateur not in self.slots:
+            raise InvalidRequest(f"contrastive.amateur: model {amateur!r} is not served; served: "
+                                 f"{', '.join(self.slots)}", "contrastive.amateur")
+        if amateur == slot.name:
+            raise InvalidRequest(f"contrastive.amateur: {amateur!r} is the request's own model; the amateur must "
+                                 "be another model", "contrastive.amateur")
+        if not self._shares_vocab(slot.name, amateur):
+            raise InvalidRequest(f"contrastive.amateur: {amateur!r} has a different tokenizer from {slot.name!r}; "
+                                 "contrasted models must share the vocabulary", "contrastive.amateur")
+        return {"main": slot.name, "amateur": amateur}
+
+    def _shares_vocab(self, a: str, b: str) -> bool:
+        key = tuple(sorted((a, b)))
+        if key not in self._same_vocab:
+            self._same_vocab[key] = self.slots[a].tokenizer.get_vocab() == self.slots[b].tokenizer.get_vocab()
+        return self._same_vocab[key]
+
+    def _validate(self, ids: list[int], params: SamplingParams, slots: list[ModelSlot]) -> int:
+        """Checks the request fits every model it runs on; returns its effective max_tokens."""
         if not ids:
             raise ValueError("prompt must not be empty")
-        vocab = self.main.vocab_size
+        vocab = min(slot.vocab_size for slot in slots)
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
-        room = self.max_model_len - len(ids)
+        max_model_len = min(slot.max_model_len for slot in slots)
+        room = max_model_len - len(ids)
         if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):
             raise ContextLengthExceeded(
-                f"this model's maximum context length is {self.max_model_len} tokens; the request has "
+                f"this model's maximum context length is {max_model_len} tokens; the request has "
                 f"{len(ids)} prompt tokens and asks for {params.max_tokens} more"
             )
         max_tokens = room if params.max_tokens is None else params.max_tokens
-        self._check_fits_pool(len(ids), max_tokens, params)
+        for slot in slots:
+            self._check_fits_pool(slot, len(ids), max_tokens, params)
         return max_tokens
 
-    def _check_fits_pool(self, num_prompt: int, max_tokens: int, params: SamplingParams) -> None:
+    def _check_fits_pool(self, slot: ModelSlot, num_prompt: int, max_tokens: int, params: SamplingParams) -> None:
         # NOTE: a request that cannot fit the whole pool alone would wait forever; refuse it now.
-        bs, pool = self.config.block_size, self.main.kv.pool
-        num_children = params.beam_width  # best_of or n: the hypotheses that run at once
+        bs, pool = self.config.block_size, slot.kv.pool
+        num_children = params.beam_width  # best_of, n or the beam width: the hypotheses that run at once
         need = -(-(num_prompt + max_tokens) // bs)
         if num_children > 1:  # children share the prompt's full blocks, each owns the rest
             need = num_prompt // bs + num_children * (-(-(num_prompt % bs + max_tokens) // bs))
         if need > pool.num_blocks:
             raise ValueError(
                 f"the request needs up to {need} KV blocks ({num_children} sequence(s) of up to "
-                f"{num_prompt + max_tokens} tokens) but the cache holds {pool.num_blocks}; lower max_tokens or n"
+                f"{num_prompt + max_tokens} tokens) but the cache of {slot.name!r} holds {pool.num_blocks}; lower "
+                "max_tokens or n"
             )
 
     # ---- one step ------------------------------------------------------------------------
@@ -113,7 +156,7 @@ class Engine:
         now = time.monotonic()
         for request in {id(s.request): s.request for s in sched.scheduled}.values():
             if request.params.prompt_logprobs is not None:
-                record_prompt_logprobs(request, logits, self.tokenizer)
+                record_prompt_logprobs(request, logits, self._tokenizer(request))
         self._decode(sched.ready, logits)
         outputs = []
         for request in sched.ready:
@@ -122,7 +165,7 @@ class Engine:
             if not request.hypotheses:
                 self.scheduler.finish(request)
                 self.requests.pop(request.request_id, None)
-            outputs.append(build_output(request, self.tokenizer))
+            outputs.append(build_output(request, self._tokenizer(request)))
         return outputs
 
     def _run_models(self, sched: SchedulerOutput) -> dict[int, torch.Tensor]:
@@ -144,44 +187,34 @@ class Engine:
         ready = [r for r in ready if r.hypotheses]
         if not ready:
             return
-        groups = [self._group(r) for r in ready]
+        groups = [self._group(r, logits) for r in ready]
         rows = torch.cat([logits[h.seqs["main"].seq_id][-1:] for r in ready for h in r.hypotheses])
-        for request, choices in zip(ready, decoding_step.step(rows, groups)):
-            self._apply(request, choices)
-
-    def _group(self, request: Request) -> decoding_step.DecodeGroup:
-        rows = [Row(request.params, request.prompt_token_ids, h.output_ids, request.eos_ids) for h in request.hypotheses]
-        is_first = not request.hypotheses[0].output_ids and len(request.hypotheses) == 1
-        fanout = request.num_children if is_first else 1
-        return decoding_step.DecodeGroup(request.params, rows, fanout, request.generator)
-
-    def _apply(self, request: Request, choices) -> None:
-        """Extend, fork or drop hypotheses as the decoding chose, then check stop conditions."""
-        parents, taken, survivors = request.hypotheses, set(), []
-        for choice in choices:
-            # NOTE: forks copy the parent before any choice of this step is recorded on it.
-            hyp = parents[choice.parent]
-            if choice.parent in taken:
-                hyp = hyp.fork(len(survivors))
-                for seq in hyp.seqs.values():
-                    self.slots[seq.model].kv.fork(seq)
-            taken.add(choice.parent)
-            survivors.append((hyp, choice))
-        for i, parent in enumerate(parents):
-            if i not in taken:
-                self.scheduler.free_hypothesis_seqs(list(parent.seqs.values()))
-        request.hypotheses = []
-        for hyp, choice in survivors:
-            record_choice(request, hyp, choice, self.tokenizer, self.max_model_len)
-            if hyp.is_finished:
-                self.scheduler.free_hypothesis_seqs(list(hyp.seqs.values()))
-                request.finished.append(hyp)
+        kv = self.scheduler.kv
+        for request, group, choices in zip(ready, groups, decoding_step.step(rows, groups)):
+            if request.beam is not None:
+                apply_beams(request, choices, kv, self._tokenizer(request), group.beam_done)
             else:
-                request.hypotheses.append(hyp)
+                apply_sampled(request, choices, kv, self._tokenizer(request), self._max_model_len(request))
+
+    def _group(self, request: Request, logits: dict[int, torch.Tensor]) -> decoding_step.DecodeGroup:
+        hyps, tokenizer = request.hypotheses, self._tokenizer(request)
+        rows = [Row(request.params, request.prompt_token_ids, h.output_ids, request.eos_ids) for h in hyps]
+        is_first = not hyps[0].output_ids and len(hyps) == 1 and request.beam is None
+        amateur = torch.cat([logits[h.seqs["amateur"].seq_id][-1:] for h in hyps]) if "amateur" in request.streams \
+            else None
+        return decoding_step.DecodeGroup(
+            request.params, rows, request.num_children if is_first else 1, request.generator, amateur,
+            request.beam, lambda choice: finished_beam(request, choice, tokenizer))
+
+    def _tokenizer(self, request: Request):
+        return self.slots[request.model].tokenizer
+
+    def _max_model_len(self, request: Request) -> int:
+        return min(self.slots[m].max_model_len for m in request.streams.values())
 
     def _finish_all(self, request: Request, reason: str) -> None:
         for hyp in request.hypotheses:
             hyp.finish_reason = reason
-            self.scheduler.free_hypothesis_seqs(list(hyp.seqs.values()))
+            free(hyp, self.scheduler.kv)
         request.finished += request.hypotheses
         request.hypotheses = []

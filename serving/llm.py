@@ -13,13 +13,18 @@ from counterpoint.serving.outputs import RequestOutput
 _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
 
 
+AMATEUR = "amateur"
+
+
 class LLM:
     def __init__(self, model: str, amateur: str | None = None, **engine_args):
-        if amateur is not None:
-            raise NotImplementedError("amateur is not supported yet (contrastive decoding lands with its issue)")
+        """`amateur` loads a second model, served as "amateur", for contrastive decoding:
+        SamplingParams(contrastive={"amateur": "amateur", ...})."""
         unknown = set(engine_args) - _ENGINE_FIELDS
         if unknown:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+        if amateur is not None:
+            engine_args["extra_models"] = tuple(engine_args.get("extra_models", ())) + ((AMATEUR, str(amateur)),)
         self.engine = Engine(EngineConfig(model=str(model), **engine_args))
         self._ids = itertools.count()
 

@@ -12,6 +12,14 @@ from counterpoint.serving.request import Hypothesis, Request
 
 
 def record_choice(request: Request, hyp: Hypothesis, choice: TokenChoice, tokenizer, max_model_len: int) -> None:
+    new_text = record_token(request, hyp, choice, tokenizer)
+    _check_stop(request, hyp, choice.token_id, new_text, max_model_len)
+    if hyp.is_finished and not isinstance(hyp.stop_reason, str):
+        hyp.text += hyp.detok.flush()
+
+
+def record_token(request: Request, hyp: Hypothesis, choice: TokenChoice, tokenizer) -> str:
+    """Append the token with what the client asked to see of it; returns the new text."""
     token, params = choice.token_id, request.params
     hyp.output_ids.append(token)
     for seq in hyp.seqs.values():
@@ -24,9 +32,7 @@ def record_choice(request: Request, hyp: Hypothesis, choice: TokenChoice, tokeni
         hyp.decoding_info.append({"main_logprob": choice.raw_logprob})
     new_text = hyp.detok.add(token)
     hyp.text += new_text
-    _check_stop(request, hyp, token, new_text, max_model_len)
-    if hyp.is_finished and not isinstance(hyp.stop_reason, str):
-        hyp.text += hyp.detok.flush()
+    return new_text
 
 
 def _check_stop(request: Request, hyp: Hypothesis, token: int, new_text: str, max_model_len: int) -> None:
@@ -78,11 +84,13 @@ def record_prompt_logprobs(request: Request, logits: dict[int, torch.Tensor], to
 def build_output(request: Request, tokenizer) -> RequestOutput:
     done = not request.hypotheses
     hyps = request.finished + request.hypotheses
-    if done and request.params.best_of and request.params.best_of > request.params.n:
+    if request.beam is not None:  # beams reorder every step: show only the n best, at the end
+        hyps = [h for h in request.finished[: request.params.n]] if done else []
+    elif done and request.params.best_of and request.params.best_of > request.params.n:
         hyps = sorted(hyps, key=lambda h: h.cumulative_logprob, reverse=True)[: request.params.n]
     else:
         hyps = sorted(hyps, key=lambda h: h.index)
-    want_cumulative = request.params.logprobs is not None or bool(request.params.best_of)
+    want_cumulative = request.params.logprobs is not None or bool(request.params.best_of) or request.beam is not None
     outputs = [
         CompletionOutput(
             index=i, text=h.text, token_ids=h.output_ids,

@@ -1,7 +1,7 @@
 """Request, Hypothesis and Sequence: the engine's object model (DESIGN.md, "Core objects").
 
-A request holds hypotheses; a hypothesis holds one sequence per stream (`main` now; `amateur`
-and `no_context` for contrast). The scheduler and the runner see only sequences; the gang rule
+A request holds hypotheses; a hypothesis holds one sequence per stream (`main`, plus `amateur`
+for contrastive decoding and `no_context` for context contrast). The scheduler and the runner see only sequences; the gang rule
 makes all sequences of a request move together.
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from counterpoint.decoding import SamplingParams
+from counterpoint.decoding.beam import BeamSearch
 
 _seq_ids = itertools.count()
 
@@ -52,7 +53,7 @@ class Hypothesis:
     """One candidate continuation, with the per-token record the client asked for."""
 
     index: int
-    seqs: dict[str, Sequence]
+    seqs: dict[str, Sequence]  # by stream name; empty once finished in beam search
     output_ids: list[int] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     logprobs: list[dict] = field(default_factory=list)
@@ -66,9 +67,9 @@ class Hypothesis:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
-    def fork(self, index: int) -> "Hypothesis":
+    def fork(self, index: int, with_seqs: bool = True) -> "Hypothesis":
         return Hypothesis(
-            index=index, seqs={name: s.fork() for name, s in self.seqs.items()},
+            index=index, seqs={name: s.fork() for name, s in self.seqs.items()} if with_seqs else {},
             output_ids=list(self.output_ids), cumulative_logprob=self.cumulative_logprob,
             logprobs=list(self.logprobs), decoding_info=list(self.decoding_info), text=self.text,
             detok=self.detok.fork() if self.detok else None,
@@ -83,6 +84,7 @@ class Request:
     params: SamplingParams
     eos_ids: tuple[int, ...]
     max_tokens: int
+    streams: dict[str, str] = field(default_factory=lambda: {"main": "main"})  # stream name -> model slot
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     hypotheses: list[Hypothesis] = field(default_factory=list)  # live ones
@@ -92,10 +94,20 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     num_preemptions: int = 0
+    beam: BeamSearch | None = None
 
     def __post_init__(self):
         if not self.hypotheses:
-            self.hypotheses = [Hypothesis(0, {"main": Sequence("main", list(self.prompt_token_ids))})]
+            seqs = {stream: Sequence(model, list(self.prompt_token_ids)) for stream, model in self.streams.items()}
+            self.hypotheses = [Hypothesis(0, seqs)]
+        if self.params.use_beam_search and self.beam is None:
+            p = self.params
+            self.beam = BeamSearch(p.beam_width, p.length_penalty, p.early_stopping, self.max_tokens)
+
+    @property
+    def model(self) -> str:
+        """The model slot of the main stream."""
+        return self.streams["main"]
 
     @property
     def num_prompt_tokens(self) -> int:

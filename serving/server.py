@@ -24,8 +24,9 @@ class APIError(Exception):
         self.status, self.body = status, error_body(message, err_type, param, code)
 
 
-def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
+def build_app(engine: AsyncEngine, served: list[str], api_key: str | None = None,
               shutdown_timeout: float = 30.0) -> FastAPI:
+    """`served`: the model ids, the default first (the engine loads them under these names)."""
     @contextlib.asynccontextmanager
     async def lifespan(_):
         yield
@@ -33,7 +34,7 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
         await asyncio.to_thread(engine.shutdown, shutdown_timeout)
 
     app = FastAPI(title="Counterpoint", lifespan=lifespan)
-    app.state.engine, app.state.served_name = engine, served_name
+    app.state.engine, app.state.served = engine, served
     _install_error_handlers(app)
 
     def check_key(request: Request) -> None:
@@ -44,10 +45,12 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
         except Unavailable as err:
             raise APIError(503, str(err), "service_unavailable") from err
 
-    def check_model(name: str) -> None:
-        if name != served_name:
-            raise APIError(404, f"model {name!r} does not exist; served: {served_name}", param="model",
+    def check_model(name: str):
+        """The tokenizer of a served model, or a 404."""
+        if name not in served:
+            raise APIError(404, f"model {name!r} does not exist; served: {', '.join(served)}", param="model",
                            code="model_not_found")
+        return engine.engine.slots[name].tokenizer
 
     @app.get("/health")
     async def health():
@@ -61,14 +64,13 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
-        card = {"id": served_name, "object": "model", "created": int(time.time()), "owned_by": "counterpoint",
-                "max_model_len": engine.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "counterpoint",
+                  "max_model_len": engine.engine.slots[name].max_model_len} for name in served]
+        return {"object": "list", "data": cards}
 
     @app.post("/tokenize", dependencies=[Depends(check_key)])
     async def tokenize(body: TokenizeRequest):
-        check_model(body.model)
-        tokenizer = engine.engine.tokenizer
+        tokenizer = check_model(body.model)
         if body.messages is not None:
             ids = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
                                                 tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -76,44 +78,41 @@ def build_app(engine: AsyncEngine, served_name: str, api_key: str | None = None,
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             raise APIError(400, "tokenize needs prompt or messages", param="prompt")
-        return {"tokens": list(ids), "count": len(ids), "max_model_len": engine.engine.max_model_len}
+        return {"tokens": list(ids), "count": len(ids), "max_model_len": engine.engine.slots[body.model].max_model_len}
 
     @app.post("/detokenize", dependencies=[Depends(check_key)])
     async def detokenize(body: DetokenizeRequest):
-        check_model(body.model)
-        tokenizer = engine.engine.tokenizer
+        tokenizer = check_model(body.model)
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
-        tokenizer = engine.engine.tokenizer
+        tokenizer = check_model(body.model)
         params = _params(body)
         prompts = _or_400(body.prompts)
-        streams = [await _started(engine.generate(p, params, "cmpl")) for p in prompts]
+        streams = [await _started(engine.generate(p, params, "cmpl", body.model)) for p in prompts]
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return sse(stream_completion(rid, body, params, streams, served_name, tokenizer))
+            return sse(stream_completion(rid, body, params, streams, body.model, tokenizer))
         finals = await asyncio.gather(*[_last(s, request) for s in streams])
         choices = [_completion_choice(i * body.n + o.index, out, o, body, tokenizer)
                    for i, out in enumerate(finals) for o in out.outputs]
-        return {**R.envelope("text_completion", rid, served_name, choices),
+        return {**R.envelope("text_completion", rid, body.model, choices),
                 "usage": R.usage(sum(len(o.prompt_token_ids) for o in finals), R.num_completion_tokens(finals))}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        tokenizer = engine.engine.tokenizer
+        tokenizer = check_model(body.model)
         params = _params(body)
         prompt = _or_400(lambda: tokenizer.apply_chat_template(body.message_dicts(), tokenize=False,
                                                                add_generation_prompt=True))
-        stream = await _started(engine.generate(prompt, params, "chat"))
+        stream = await _started(engine.generate(prompt, params, "chat", body.model))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
-            return sse(stream_chat(rid, body, params, stream, served_name))
+            return sse(stream_chat(rid, body, params, stream, body.model))
         out = await _last(stream, request)
         choices = [_chat_choice(o, body) for o in out.outputs]
-        return {**R.envelope("chat.completion", rid, served_name, choices),
+        return {**R.envelope("chat.completion", rid, body.model, choices),
                 "usage": R.usage(len(out.prompt_token_ids), R.num_completion_tokens([out]))}
 
     return app
@@ -160,7 +159,7 @@ async def _started(gen) -> _Started:
     except NotImplementedError as err:
         raise APIError(400, str(err), code="not_supported") from err
     except ValueError as err:
-        raise APIError(400, str(err)) from err
+        raise APIError(400, str(err), param=getattr(err, "param", None)) from err
     except QueueFull as err:
         raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
     except Unavailable as err:

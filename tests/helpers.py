@@ -63,3 +63,20 @@ def build_model(out: Path, tokenizer_dir: Path, arch: str = "llama", seed: int =
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_eos_likely(model_dir: Path, out: Path, strength: float = 2.0) -> Path:
+    """A copy of a (untied) checkpoint whose EOS logit is raised along the mean hidden direction,
+    so EOS is often among the top candidates (beam search hypotheses then end early)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    eos = model.generation_config.eos_token_id
+    ids = torch.randint(0, model.config.vocab_size, (8, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.model(ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        model.lm_head.weight[eos] += strength * direction
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out

