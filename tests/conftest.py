@@ -34,3 +34,9 @@ def model_factory(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session")
 def llama_dir(model_factory) -> Path:
     return model_factory("llama")
+
+
+@pytest.fixture(scope="session")
+def amateur_dir(model_factory) -> Path:
+    """An amateur for llama_dir: same tokenizer, one layer, embedding table padded to 400 rows."""
+    return model_factory("llama", seed=1, num_hidden_layers=1, vocab_size=400)
