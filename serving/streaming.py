@@ -57,9 +57,9 @@ async def stream_completion(rid, body, params, streams, model, tokenizer):
             key = (i, o.index)
             text, start_tok = R.stream_text(o, params.stop_strings), tokens_sent.get(key, 0)
             delta = text[chars_sent.get(key, 0):]
-            chars_sent[key], tokens_sent[key] = len(text), len(o.token_ids)
             if not delta and o.finish_reason is None:
-                continue
+                continue  # NOTE: tokens without text yet go out, logprobs and all, with the next chunk
+            chars_sent[key], tokens_sent[key] = len(text), len(o.token_ids)
             choice = {"index": i * body.n + o.index, "text": delta, "finish_reason": o.finish_reason,
                       "logprobs": R.completion_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:], tokenizer)
                       if body.logprobs is not None else None}
@@ -94,9 +94,9 @@ async def stream_chat(rid, body, params, stream, model):
             for o in out.outputs:
                 text = R.stream_text(o, params.stop_strings)
                 delta, start_tok = text[sent.get(o.index, 0):], tokens_sent.get(o.index, 0)
-                sent[o.index], tokens_sent[o.index] = len(text), len(o.token_ids)
                 if not delta and o.finish_reason is None:
                     continue
+                sent[o.index], tokens_sent[o.index] = len(text), len(o.token_ids)
                 choice = {"index": o.index, "delta": {"content": delta} if delta else {},
                           "finish_reason": o.finish_reason,
                           "logprobs": R.chat_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:],
