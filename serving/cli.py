@@ -81,6 +81,27 @@ def _bench_parser(sub) -> None:
     lat.add_argument("--seed", type=int, default=0)
     lat.add_argument("--json", default=None)
     _add_engine_flags(lat)
+    _decoding_bench_parsers(bench)
+
+
+def _decoding_bench_parsers(bench) -> None:
+    b = bench.add_parser("beam", help="beam search against transformers' beam search, in one run; KV blocks shared")
+    b.add_argument("--model", required=True)
+    b.add_argument("--widths", type=positive_int, nargs="+", default=[4, 8])
+    b.add_argument("--concurrency", type=positive_int, default=16, help="requests, all submitted at once")
+    c = bench.add_parser("contrastive", help="contrastive decoding tokens/s over greedy tokens/s, same expert")
+    c.add_argument("--model", required=True, help="the expert")
+    c.add_argument("--amateur", required=True)
+    c.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 16])
+    c.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
+    c.add_argument("--alpha", type=float, default=0.1)
+    c.add_argument("--beta", type=float, default=1.0)
+    for p in (b, c):
+        p.add_argument("--input-len", type=positive_int, default=128)
+        p.add_argument("--output-len", type=positive_int, default=64)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", default=None)
+        _add_engine_flags(p)
 
 
 def _serve_parser(sub) -> None:
@@ -205,6 +226,10 @@ def main(argv: list[str] | None = None) -> None:
                 from counterpoint.serving.bench_serve import serve_benchmark
 
                 result = serve_benchmark(args)
+            elif args.bench in ("beam", "contrastive"):
+                from counterpoint.serving import bench_decoding
+
+                result = getattr(bench_decoding, args.bench)(args)
             else:
                 result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
             bench.write_json(result, args.json)

@@ -116,6 +116,10 @@ class Engine:
         """Checks the request fits every model it runs on; returns its effective max_tokens."""
         if not ids:
             raise ValueError("prompt must not be empty")
+        if params.beam_width > self.config.max_num_seqs:
+            field = "best_of" if params.best_of else "n"
+            raise InvalidRequest(f"{field} must be <= max_num_seqs ({self.config.max_num_seqs}): the request's "
+                                 f"{params.beam_width} hypotheses run in one batch; got {params.beam_width}", field)
         vocab = min(slot.vocab_size for slot in slots)
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")

@@ -3,7 +3,7 @@ scheduling of each request's sequences, and preemption by recompute when blocks 
 """
 
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from counterpoint.serving.kv_manager import KVManager
@@ -82,11 +82,12 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        num_seqs = sum(len(r.sequences()) for r in self.running)
+        num_seqs = Counter(seq.model for r in self.running for seq in r.sequences())  # per model: each runs its batch
         while self.waiting and budget > 0:
             request = self.waiting[0]
             seqs = request.sequences()
-            if num_seqs + max(len(seqs), request.num_children) > self.config.max_num_seqs:
+            demand = _seq_demand(request)
+            if any(num_seqs[model] + k > self.config.max_num_seqs for model, k in demand.items()):
                 break
             # NOTE: prompt logprobs need the logits of every prompt position, so no cache hits.
             if request.params.prompt_logprobs is None:
@@ -102,7 +103,7 @@ class Scheduler:
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             self.running.append(request)
-            num_seqs += len(seqs)
+            num_seqs.update(demand)
             budget -= self._commit(request, plan, out)
 
     def _plan(self, request: Request, budget: int) -> dict[Sequence, int] | None:
@@ -171,3 +172,9 @@ class Scheduler:
     def free_hypothesis_seqs(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
             self.kv[seq.model].free(seq)
+
+
+def _seq_demand(request: Request) -> Counter:
+    """Sequences the request will hold on each model once its hypotheses have forked."""
+    per_model = Counter(seq.model for seq in request.sequences())
+    return Counter({model: max(k, request.num_children) for model, k in per_model.items()})

@@ -45,3 +45,15 @@ def test_mixed_batch_gives_each_request_its_solo_output(llama_dir, amateur_dir, 
     if engine_args:
         beams = [o for o, (_, params) in zip(outs, WORKLOAD) if params.use_beam_search]
         assert any(o.metrics.num_preemptions > 0 for o in beams), "no beam search was preempted"
+
+
+def test_max_num_seqs_counts_each_models_batch(llama_dir, amateur_dir):
+    """A contrastive request holds one sequence on each model, so it runs with max_num_seqs=1;
+    a beam wider than the batch is refused up front instead of waiting forever."""
+    llm = LLM(str(llama_dir), amateur=str(amateur_dir), show_progress=False, max_num_seqs=1)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, contrastive=CD)
+    outs = llm.generate([[5, 17, 33], [7, 8]], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [4, 4]
+    with pytest.raises(ValueError, match="best_of must be <= max_num_seqs") as err:
+        llm.generate([[5, 17]], SamplingParams(use_beam_search=True, n=1, best_of=2), use_tqdm=False)
+    assert err.value.param == "best_of"

@@ -1,0 +1,98 @@
+"""Benchmarks of the decoding methods that live inside the engine.
+
+`bench beam`: beam search against transformers' beam search on the same model and prompts, in one
+run, with the KV blocks beam search holds against a copy-everything baseline.
+`bench contrastive`: tokens/s of contrastive decoding divided by greedy tokens/s on the same expert.
+"""
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from counterpoint.decoding import SamplingParams
+from counterpoint.serving.bench import random_workload
+
+
+def _drive(engine, prompts, params, desc: str) -> tuple[float, int, int]:
+    """Run requests to the end; returns (seconds, peak blocks held, peak blocks a copy-everything
+    cache would hold: every live sequence owning all of its blocks)."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{desc}-{i}", prompt, params)
+    bs, peak_used, peak_copy = engine.config.block_size, 0, 0
+    start = time.perf_counter()
+    with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                bar.update(int(out.finished))
+            used = sum(s.kv.pool.num_blocks - s.kv.pool.num_free_blocks for s in engine.slots.values())
+            copy = sum(-(-seq.num_computed_tokens // bs) for r in engine.scheduler.running for seq in r.sequences())
+            peak_used, peak_copy = max(peak_used, used), max(peak_copy, copy)
+    return time.perf_counter() - start, peak_used, peak_copy
+
+
+def _transformers_beams(model, prompts, width: int, output_len: int) -> float:
+    model.generation_config.eos_token_id = None  # every beam runs to output_len, as with ignore_eos
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]),
+                       dtype=torch.long), max_new_tokens=output_len, num_beams=width, do_sample=False,
+                       early_stopping=False, pad_token_id=model.generation_config.pad_token_id or 0)
+    return time.perf_counter() - start
+
+
+def beam(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from counterpoint.serving import LLM
+    from counterpoint.serving.models.loader import DTYPES
+
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES.get(args.dtype, "auto")).eval()
+    results = []
+    for width in args.widths:
+        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.concurrency * width, show_progress=False)
+        work = random_workload(args.concurrency, args.input_len, args.output_len, 0.0, llm.engine.main.vocab_size,
+                               args.seed)
+        params = SamplingParams(max_tokens=args.output_len, use_beam_search=True, n=1, best_of=width,
+                                ignore_eos=True)
+        ours, used, copy = _drive(llm.engine, work.prompts, params, f"counterpoint beams={width}")
+        theirs = _transformers_beams(hf, work.prompts, width, args.output_len)
+        tokens = args.concurrency * args.output_len
+        row = dict(width=width, concurrency=args.concurrency, counterpoint_s=ours, transformers_s=theirs,
+                   counterpoint_tok_s=tokens / ours, transformers_tok_s=tokens / theirs, ratio=theirs / ours,
+                   peak_blocks=used, peak_blocks_copy_everything=copy, blocks_saved=1 - used / copy)
+        print(f"beams {width}: counterpoint {row['counterpoint_tok_s']:.1f} tok/s | transformers "
+              f"{row['transformers_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}x | peak blocks {used} vs "
+              f"{copy} copy-everything ({100 * row['blocks_saved']:.0f}% saved)", flush=True)
+        results.append(row)
+        del llm
+    return dict(benchmark="beam", model=args.model, dtype=args.dtype, input_len=args.input_len,
+                output_len=args.output_len, threads=torch.get_num_threads(), results=results)
+
+
+def contrastive(args) -> dict:
+    from counterpoint.serving import LLM
+    from counterpoint.serving.llm import AMATEUR
+
+    results = []
+    for concurrency in args.concurrency:
+        llm = LLM(args.model, amateur=args.amateur, dtype=args.dtype, max_num_seqs=concurrency, show_progress=False,
+                  enable_prefix_caching=False)  # the second run must not reuse the first one's prompts
+        engine = llm.engine
+        work = random_workload(args.num_prompts or max(4, 2 * concurrency), args.input_len, args.output_len, 0.0,
+                               engine.main.vocab_size, args.seed)
+        greedy = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+        cd = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True,
+                            contrastive={"amateur": AMATEUR, "alpha": args.alpha, "beta": args.beta})
+        tokens = len(work.prompts) * args.output_len
+        greedy_s = _drive(engine, work.prompts, greedy, f"greedy c={concurrency}")[0]
+        cd_s = _drive(engine, work.prompts, cd, f"contrastive c={concurrency}")[0]
+        row = dict(concurrency=concurrency, num_prompts=len(work.prompts), greedy_tok_s=tokens / greedy_s,
+                   contrastive_tok_s=tokens / cd_s, ratio=greedy_s / cd_s)
+        print(f"concurrency {concurrency}: greedy {row['greedy_tok_s']:.1f} tok/s | contrastive "
+              f"{row['contrastive_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}", flush=True)
+        results.append(row)
+        del llm, engine
+    return dict(benchmark="contrastive", model=args.model, amateur=args.amateur, dtype=args.dtype,
+                input_len=args.input_len, output_len=args.output_len, threads=torch.get_num_threads(),
+                results=results)
