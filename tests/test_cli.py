@@ -51,3 +51,31 @@ def test_bench_latency_reports_percentiles(llama_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["p50_s"] <= result["p99_s"] and result["mean_ttft_s"] <= result["mean_s"]
+
+
+def test_generate_with_beams_and_an_amateur_prints_the_offline_text(llama_dir, amateur_dir):
+    from counterpoint.decoding import SamplingParams
+    from counterpoint.serving import LLM
+
+    args = ["--prompt", "The quick brown fox", "--max-tokens", "8"]
+    proc = run("generate", "--model", str(llama_dir), "--amateur", str(amateur_dir), "--cd-alpha", "0.2",
+               "--beam-width", "3", "--n", "2", *args)
+    assert proc.returncode == 0, proc.stderr
+    llm = LLM(str(llama_dir), amateur=str(amateur_dir), show_progress=False)
+    params = SamplingParams(max_tokens=8, temperature=0, use_beam_search=True, n=2, best_of=3,
+                            contrastive={"amateur": "amateur", "alpha": 0.2})
+    out = llm.generate("The quick brown fox", params, use_tqdm=False)[0]
+    assert proc.stdout.rstrip("\n").split("\n") == [o.text for o in out.outputs]
+
+
+def test_bench_beam_and_contrastive_write_json(llama_dir, amateur_dir, tmp_path):
+    small = ["--input-len", "8", "--output-len", "4", "--json"]
+    proc = run("bench", "beam", "--model", str(llama_dir), "--widths", "2", "--concurrency", "2", *small,
+               str(tmp_path / "beam.json"))
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads((tmp_path / "beam.json").read_text())["results"][0]
+    assert row["peak_blocks"] <= row["peak_blocks_copy_everything"] and row["transformers_tok_s"] > 0
+    proc = run("bench", "contrastive", "--model", str(llama_dir), "--amateur", str(amateur_dir), "--concurrency",
+               "1", "2", *small, str(tmp_path / "cd.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert [r["concurrency"] for r in json.loads((tmp_path / "cd.json").read_text())["results"]] == [1, 2]
