@@ -71,6 +71,8 @@ def register_backend(name: str):
 
 
 def create_backend(name: str, scale: float) -> AttentionBackend:
+    if name == "triton" and name not in BACKENDS:
+        import counterpoint.serving.triton_attention  # noqa: F401  (registers itself; needs triton)
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     return BACKENDS[name](scale)

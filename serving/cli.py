@@ -96,12 +96,41 @@ def _decoding_bench_parsers(bench) -> None:
     c.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
     c.add_argument("--alpha", type=float, default=0.1)
     c.add_argument("--beta", type=float, default=1.0)
+    _kernels_bench_parser(bench)
     for p in (b, c):
         p.add_argument("--input-len", type=positive_int, default=128)
         p.add_argument("--output-len", type=positive_int, default=64)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--json", default=None)
         _add_engine_flags(p)
+
+
+def _shape_pair(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition(":")
+    try:
+        return positive_int(batch), positive_int(context)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be BATCH:CONTEXT, e.g. 16:4096; got {text}") from err
+
+
+def _kernels_bench_parser(bench) -> None:
+    from counterpoint.serving.bench_kernels import LLAMA_1B
+
+    k = bench.add_parser("kernels", help="GPU: decode attention bandwidth and decode step time against bounds")
+    k.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    k.add_argument("--peak-gbs", type=float, default=3350.0, help="memory peak in GB/s (H100 SXM: 3350, H200: 4800)")
+    k.add_argument("--attention-shapes", type=_shape_pair, nargs="+", default=[(1, 32768), (16, 4096), (64, 2048)])
+    k.add_argument("--heads", type=positive_int, default=32)
+    k.add_argument("--kv-heads", type=positive_int, default=8)
+    k.add_argument("--head-dim", type=positive_int, default=128)
+    k.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16, 64])
+    k.add_argument("--input-len", type=positive_int, default=128)
+    k.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")
+    k.add_argument("--iters", type=positive_int, default=20)
+    k.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
+    k.add_argument("--json", default=None)
+    k.set_defaults(shape=LLAMA_1B)
 
 
 def _serve_parser(sub) -> None:
@@ -230,6 +259,10 @@ def main(argv: list[str] | None = None) -> None:
                 from counterpoint.serving import bench_decoding
 
                 result = getattr(bench_decoding, args.bench)(args)
+            elif args.bench == "kernels":
+                from counterpoint.serving.bench_kernels import kernels
+
+                result = kernels(args)
             else:
                 result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
             bench.write_json(result, args.json)

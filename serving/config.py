@@ -35,6 +35,7 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len > 1, "an integer > 1"),
             ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+            ("attention_backend", self.attention_backend in ("auto", "torch", "triton"), "auto, torch or triton"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -57,6 +58,13 @@ class EngineConfig:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device is 'cuda' but no CUDA device is available")
         return torch.device(self.device)
+
+    @property
+    def resolved_attention_backend(self) -> str:
+        """auto: the Triton kernels on CUDA, the torch path on the CPU."""
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.torch_device.type == "cuda" else "torch"
 
     @property
     def num_batched_tokens(self) -> int:

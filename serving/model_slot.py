@@ -42,7 +42,9 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     num_blocks = _num_blocks(model, dtype, config, max_model_len)
     s = model.shape
     cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)
-    backend = "torch" if config.attention_backend == "auto" else config.attention_backend
+    backend = config.resolved_attention_backend
+    if backend == "triton":
+        model.use_triton_kernels()
     pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return ModelSlot(

@@ -84,13 +84,37 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.use_kernel = False  # the fused Triton kernel (set by LlamaForCausalLM.use_triton_kernels)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """With `residual`: returns (norm(x + residual), x + residual), the fused pre-norm step."""
+        if self.use_kernel and x.dim() == 2:
+            from counterpoint.kernels.rms_norm import fused_add_rms_norm
+
+            out, total = fused_add_rms_norm(x, residual, self.weight, self.eps)
+            return out if residual is None else (out, total)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         x = x + residual
         return rms_norm(x, self.weight, self.eps), x
+
+
+class Rotary:
+    """One step's rotary inputs: the positions, and the cos/sin rows the torch path needs."""
+
+    def __init__(self, positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype, use_kernel: bool):
+        self.positions, self.cos_sin, self.use_kernel = positions, cos_sin, use_kernel
+        if not use_kernel:
+            cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2) each
+            self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, H, D) -> rotated (in place with the kernel)."""
+        if self.use_kernel:
+            from counterpoint.kernels.rotary import rotary_
+
+            return rotary_(x, self.positions, self.cos_sin)
+        return apply_rotary(x, self.cos, self.sin)
 
 
 class Attention(nn.Module):
@@ -106,7 +130,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
             self.k_norm = RMSNorm(shape.head_dim, shape.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: "Rotary", ctx) -> torch.Tensor:
         s = self.shape
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)  # (T, Hq, D)
@@ -114,7 +138,7 @@ class Attention(nn.Module):
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = rope.apply(q), rope.apply(k)
         out = ctx.attend(self.layer_idx, q, k, v)  # (T, Hq, D)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -139,12 +163,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
         self.mlp = MLP(shape)
 
-    def forward(self, x, residual, cos, sin, ctx):
+    def forward(self, x, residual, rope, ctx):
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, ctx)
+        x = self.self_attn(x, rope, ctx)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -168,6 +192,14 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         self.tie_weights()
         self.init_rope(max_positions)
+        self.triton_rotary = False
+
+    def use_triton_kernels(self) -> None:
+        """Fused RMSNorm and in-place rotary from kernels/ (the GPU path)."""
+        self.triton_rotary = True
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.use_kernel = True
 
     def tie_weights(self) -> None:
         if self.shape.tie_word_embeddings:
@@ -181,12 +213,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """(T,) ids and positions -> (T, hidden) final hidden states."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2) each
         x = self.embed_tokens(input_ids)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        rope = Rotary(positions, self.cos_sin, x.dtype, self.triton_rotary)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, ctx)
+            x, residual = layer(x, residual, rope, ctx)
         x, _ = self.norm(x, residual)
         return x
 

@@ -1,0 +1,140 @@
+"""`bench kernels`: the GPU path against its bounds.
+
+1. Decode attention bandwidth: bytes of K and V read per second by the paged decode kernel, and
+   that as a fraction of the memory peak (`--peak-gbs`).
+2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default) at several batch
+   sizes: the engine on the Triton backend, transformers' generate on the same device, and the
+   bound of reading every weight once per step at the memory peak.
+"""
+
+import tempfile
+import time
+
+import torch
+from tqdm import tqdm
+
+from counterpoint.decoding import SamplingParams
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=4096)
+
+
+def _timed(fn, device: torch.device, iters: int) -> float:
+    """Mean seconds per call after one warm-up call."""
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def attention_bandwidth(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from counterpoint.kernels.paged_decode import paged_decode
+
+    rows = []
+    for batch, context in tqdm(args.attention_shapes, desc="decode attention"):
+        block_size, kv_heads, heads, head_dim = 16, args.kv_heads, args.heads, args.head_dim
+        blocks_per_seq = -(-context // block_size)
+        cache = torch.randn(2, kv_heads, batch * blocks_per_seq, block_size, head_dim, device=device, dtype=dtype)
+        tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq).to(torch.int32)
+        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+        q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
+        seconds = _timed(lambda: paged_decode(q, cache, tables, lens, head_dim**-0.5, context), device, args.iters)
+        kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
+        gbs = kv_bytes / seconds / 1e9
+        rows.append(dict(batch=batch, context=context, us=seconds * 1e6, kv_gb_s=gbs, of_peak=gbs / args.peak_gbs))
+        print(f"decode attention batch {batch:>3} context {context:>6}: {seconds * 1e6:8.1f} us, "
+              f"{gbs:7.1f} GB/s of K/V ({100 * gbs / args.peak_gbs:.0f}% of {args.peak_gbs:.0f} GB/s)", flush=True)
+    return rows
+
+
+def _random_checkpoint(shape: dict, dtype: torch.dtype, out: str):
+    """A random Llama of `shape` with a stand-in word-level tokenizer (prompts are token ids)."""
+    from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(out)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+                                        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(out)
+    return model
+
+
+def _prompts(batch: int, input_len: int, vocab_size: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(3, vocab_size, (batch, input_len), generator=gen).tolist()
+
+
+def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args) -> float:
+    from counterpoint.serving import LLM
+
+    llm = LLM(path, dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=batch,
+              max_num_batched_tokens=max(2048, batch * args.input_len), show_progress=False)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
+    for i, prompt in enumerate(_prompts(batch, args.input_len, engine.main.vocab_size)):
+        engine.add_request(str(i), prompt, params)
+    engine.step()  # prefill (and the first token)
+    engine.step()  # one decode step to warm up
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()  # NOTE: each step returns host token ids, so it is synchronised
+    elapsed = time.perf_counter() - start
+    for request_id in list(engine.requests):
+        engine.abort_request(request_id)
+    return elapsed / args.steps * 1e3
+
+
+def _transformers_step_ms(model, device: torch.device, batch: int, args) -> float:
+    ids = torch.tensor(_prompts(batch, args.input_len, model.config.vocab_size), device=device)
+    model.generation_config.eos_token_id = None
+
+    def generate(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    generate(2)  # warm-up
+    return (generate(args.steps + 1) - generate(1)) / args.steps * 1e3
+
+
+def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = _random_checkpoint(args.shape, dtype, tmp).to(device).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+        bound_ms = weight_bytes / (args.peak_gbs * 1e9) * 1e3
+        for batch in tqdm(args.batch_sizes, desc="decode steps"):
+            ours = _engine_step_ms(tmp, dtype, device, batch, args)
+            theirs = _transformers_step_ms(hf, device, batch, args)
+            row = dict(batch=batch, counterpoint_ms=ours, transformers_ms=theirs, weight_bound_ms=bound_ms,
+                       of_bound=bound_ms / ours, vs_transformers=theirs / ours)
+            rows.append(row)
+            print(f"decode step batch {batch:>3}: counterpoint {ours:7.2f} ms | transformers {theirs:7.2f} ms | "
+                  f"weight-read bound {bound_ms:6.2f} ms ({100 * bound_ms / ours:.0f}% of bound)", flush=True)
+    return rows
+
+
+def kernels(args) -> dict:
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.allow_cpu:
+        raise ValueError("bench kernels measures the GPU path and needs a CUDA device (--allow-cpu runs it under "
+                         "Triton's interpreter with TRITON_INTERPRET=1, for a smoke test only)")
+    dtype = getattr(torch, args.dtype)
+    return dict(benchmark="kernels", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                dtype=args.dtype, peak_gbs=args.peak_gbs, attention=attention_bandwidth(args, device, dtype),
+                decode=decode_steps(args, device, dtype))
