@@ -37,8 +37,10 @@ def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoi
     results: list[list[TokenChoice] | None] = [None] * len(groups)
     if plain:
         rows = torch.cat([torch.arange(offsets[i], offsets[i] + len(groups[i].rows)) for i in plain_idx])
-        for i, choices in zip(plain_idx, _step_plain(combined[rows.to(logits.device)], logits[rows.to(logits.device)],
-                                                     plain)):
+        rows = rows.to(logits.device)
+        everything = len(plain) == len(groups)  # the common case: no gather copy of the logits
+        picked = (combined, logits) if everything else (combined[rows], logits[rows])
+        for i, choices in zip(plain_idx, _step_plain(*picked, plain)):
             results[i] = choices
     for i, group in enumerate(groups):
         if group.beam is not None:
@@ -56,17 +58,19 @@ def _offsets(groups: list[DecodeGroup]) -> list[int]:
 
 
 def _combine(logits: torch.Tensor, groups: list[DecodeGroup]) -> torch.Tensor:
-    if not any(g.amateur is not None for g in groups):
-        return logits
-    out, start = logits.float().clone(), 0
-    for group in groups:
-        end = start + len(group.rows)
+    """Contrastive rows replaced by their combined logits, one batched call per amateur vocab size."""
+    by_vocab: dict[int, list[tuple[int, DecodeGroup]]] = {}
+    for start, group in zip(_offsets(groups), groups):
         if group.amateur is not None:
-            width = group.params.beam_width if group.beam is not None else 1
-            n = end - start
-            out[start:end] = combine.contrastive(logits[start:end], group.amateur, [group.params.contrastive] * n,
-                                                 [width] * n)
-        start = end
+            by_vocab.setdefault(group.amateur.shape[-1], []).append((start, group))
+    if not by_vocab:
+        return logits
+    out = logits.float().clone()
+    for members in by_vocab.values():
+        idx = torch.cat([torch.arange(start, start + len(g.rows)) for start, g in members]).to(logits.device)
+        params = [g.params.contrastive for _, g in members for _ in g.rows]
+        widths = [g.params.beam_width if g.beam is not None else 1 for _, g in members for _ in g.rows]
+        out[idx] = combine.contrastive(logits[idx], torch.cat([g.amateur for _, g in members]), params, widths)
     return out
 
 
