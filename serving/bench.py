@@ -71,7 +71,8 @@ def throughput(args) -> dict:
     results = []
     for concurrency in args.concurrency:
         num_prompts = args.num_prompts or max(8, 4 * concurrency)
-        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=concurrency, show_progress=False)
+        llm = LLM(args.model, dtype=args.dtype, attention_backend=args.attention_backend, max_num_seqs=concurrency,
+                  show_progress=False)
         if args.dataset == "bundled":
             work = bundled_workload(llm.get_tokenizer(), num_prompts, args.output_len, args.seed)
         else:
@@ -113,7 +114,8 @@ def _print_row(row: dict) -> None:
 def latency(args) -> dict:
     from counterpoint.serving import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_seqs=max(args.batch_size, 1), show_progress=False)
+    llm = LLM(args.model, dtype=args.dtype, attention_backend=args.attention_backend,
+              max_num_seqs=max(args.batch_size, 1), show_progress=False)
     work = random_workload(args.batch_size, args.input_len, args.output_len, 0.0, llm.engine.main.vocab_size, args.seed)
     params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for _ in range(args.warmup):
