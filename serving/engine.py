@@ -101,12 +101,13 @@ class Engine:
         if amateur == slot.name:
             raise InvalidRequest(f"contrastive.amateur: {amateur!r} is the request's own model; the amateur must "
                                  "be another model", "contrastive.amateur")
-        if not self._shares_vocab(slot.name, amateur):
+        if not self.shares_vocab(slot.name, amateur):
             raise InvalidRequest(f"contrastive.amateur: {amateur!r} has a different tokenizer from {slot.name!r}; "
                                  "contrasted models must share the vocabulary", "contrastive.amateur")
         return {"main": slot.name, "amateur": amateur}
 
-    def _shares_vocab(self, a: str, b: str) -> bool:
+    def shares_vocab(self, a: str, b: str) -> bool:
+        """Can models a and b be contrasted: identical vocabularies (table padding may differ)."""
         key = tuple(sorted((a, b)))
         if key not in self._same_vocab:
             self._same_vocab[key] = self.slots[a].tokenizer.get_vocab() == self.slots[b].tokenizer.get_vocab()

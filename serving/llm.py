@@ -26,6 +26,9 @@ class LLM:
         if amateur is not None:
             engine_args["extra_models"] = tuple(engine_args.get("extra_models", ())) + ((AMATEUR, str(amateur)),)
         self.engine = Engine(EngineConfig(model=str(model), **engine_args))
+        if amateur is not None and not self.engine.shares_vocab(self.engine.default_model, AMATEUR):
+            raise ValueError(f"amateur {amateur} has a different tokenizer from {model}; contrasted models must "
+                             "share the vocabulary")
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -10,6 +10,8 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
+from counterpoint.serving.config import EngineConfig
+from counterpoint.serving.engine import Engine
 from test_sampling import _pool_rare
 
 PROMPTS = [[5, 17, 33, 100, 7, 9, 11], [200, 3], list(range(40, 77))]
@@ -142,9 +144,14 @@ def test_contrastive_request_errors(llm, expert_dir, model_factory, tmp_path):
     other_tokenizer = tmp_path / "tok"
     train_tokenizer(other_tokenizer, vocab_size=300)
     stranger = build_model(tmp_path / "stranger", other_tokenizer, vocab_size=300)
-    mixed = LLM(str(expert_dir), amateur=str(stranger), show_progress=False)
     with pytest.raises(ValueError, match="different tokenizer"):
-        mixed.generate([PROMPTS[0]], SamplingParams(contrastive={"amateur": "amateur"}), use_tqdm=False)
+        LLM(str(expert_dir), amateur=str(stranger), show_progress=False)
+    # Served side by side, unrelated models are fine until a request contrasts them.
+    engine = Engine(EngineConfig(model=str(expert_dir), extra_models=(("stranger", str(stranger)),),
+                                 show_progress=False))
+    with pytest.raises(ValueError, match="'stranger' has a different tokenizer") as err:
+        engine.add_request("r", PROMPTS[0], SamplingParams(contrastive={"amateur": "stranger"}))
+    assert err.value.param == "contrastive.amateur"
     with pytest.raises(ValueError, match="contrastive.alpha must be in"):
         SamplingParams(contrastive={"amateur": "amateur", "alpha": 1.5})
 
