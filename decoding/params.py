@@ -131,8 +131,6 @@ class SamplingParams:
     def _check_beam_search(self):
         _check(self.early_stopping in (True, False, "never"), "early_stopping", 'true, false or "never"', self.early_stopping)
         _check(isinstance(self.length_penalty, (int, float)), "length_penalty", "a number", self.length_penalty)
-        if self.use_beam_search:
-            _check(not self.stop_strings, "stop", "empty with use_beam_search (use stop_token_ids)", self.stop)
 
     @property
     def is_greedy(self) -> bool:

@@ -23,6 +23,7 @@ class DecodeGroup:
     amateur: torch.Tensor | None = None  # (rows, V_A) amateur-stream logits for contrastive decoding
     beam: BeamSearch | None = None
     make_finished: Callable[[TokenChoice], object] | None = None  # beam search: payload of a finished slot
+    ends_text: Callable[[int, int], bool] | None = None  # beam search: (parent, token) completes a stop string
     beam_done: bool = False  # set by the step: the beam search is over
 
 
@@ -134,7 +135,8 @@ def _step_beam(combined: torch.Tensor, raw: torch.Tensor, group: DecodeGroup) ->
 
     beam_step = group.beam.step(
         logq, len(group.rows[0].output_ids),
-        hits_stop=lambda parent, token: stops(group.rows[parent], token, group.beam.max_tokens),
+        hits_stop=lambda parent, token: stops(group.rows[parent], token, group.beam.max_tokens)
+        or (group.ends_text is not None and group.ends_text(parent, token)),
         make_finished=lambda candidate: group.make_finished(choose([candidate])[0]),
     )
     group.beam_done = beam_step.done

@@ -10,7 +10,7 @@ from counterpoint.decoding.processing import Row
 from counterpoint.serving.config import EngineConfig
 from counterpoint.serving.detokenizer import IncrementalDetokenizer
 from counterpoint.serving.model_slot import ModelSlot, load_slot
-from counterpoint.serving.hypotheses import apply_beams, apply_sampled, finished_beam, free
+from counterpoint.serving.hypotheses import apply_beams, apply_sampled, ends_in_stop_string, finished_beam, free
 from counterpoint.serving.output_builder import build_output, record_prompt_logprobs
 from counterpoint.serving.request import Request
 from counterpoint.serving.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -207,9 +207,11 @@ class Engine:
         is_first = not hyps[0].output_ids and len(hyps) == 1 and request.beam is None
         amateur = torch.cat([logits[h.seqs["amateur"].seq_id][-1:] for h in hyps]) if "amateur" in request.streams \
             else None
+        ends_text = (lambda parent, token: ends_in_stop_string(request, parent, token)) \
+            if request.beam is not None and request.params.stop_strings else None
         return decoding_step.DecodeGroup(
             request.params, rows, request.num_children if is_first else 1, request.generator, amateur,
-            request.beam, lambda choice: finished_beam(request, choice, tokenizer))
+            request.beam, lambda choice: finished_beam(request, choice, tokenizer), ends_text)
 
     def _tokenizer(self, request: Request):
         return self.slots[request.model].tokenizer

@@ -6,6 +6,7 @@ and its blocks are freed at once.
 """
 
 from counterpoint.decoding.selection import TokenChoice
+from counterpoint.serving.detokenizer import find_stop
 from counterpoint.serving.kv_manager import KVManager
 from counterpoint.serving.output_builder import record_choice, record_token
 from counterpoint.serving.request import Hypothesis, Request
@@ -66,8 +67,14 @@ def apply_beams(request: Request, choices: list[TokenChoice], kv, tokenizer, don
 def finished_beam(request: Request, choice: TokenChoice, tokenizer) -> Hypothesis:
     """A copy of the parent beam, ended with the chosen token; it holds no KV blocks."""
     hyp = request.hypotheses[choice.parent].fork(-1, with_seqs=False)
-    record_token(request, hyp, choice, tokenizer)
+    new_text = record_token(request, hyp, choice, tokenizer)
     token, params = choice.token_id, request.params
+    found = find_stop(hyp.text, len(new_text), params.stop_strings) if params.stop_strings and new_text else None
+    if found:
+        idx, stop = found
+        hyp.text = hyp.text[: idx + len(stop)] if params.include_stop_str_in_output else hyp.text[:idx]
+        hyp.finish_reason, hyp.stop_reason = "stop", stop
+        return hyp
     if token in (params.stop_token_ids or ()):
         hyp.finish_reason, hyp.stop_reason = "stop", token
     elif token in request.eos_ids and not params.ignore_eos:
@@ -76,3 +83,10 @@ def finished_beam(request: Request, choice: TokenChoice, tokenizer) -> Hypothesi
         hyp.finish_reason = "length"
     hyp.text += hyp.detok.flush()
     return hyp
+
+
+def ends_in_stop_string(request: Request, parent: int, token: int) -> bool:
+    """Would appending `token` to running beam `parent` complete one of the request's stop strings?"""
+    hyp = request.hypotheses[parent]
+    new_text = hyp.detok.fork().add(token)
+    return bool(new_text) and find_stop(hyp.text + new_text, len(new_text), request.params.stop_strings) is not None

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
@@ -81,6 +81,46 @@ def test_beam_search_cumulative_logprob_and_order(eos_model):
     assert scores == sorted(scores, reverse=True)
 
 
-def test_beam_search_rejects_stop_strings():
-    with pytest.raises(ValueError, match="^stop must be empty with use_beam_search"):
-        SamplingParams(use_beam_search=True, n=2, stop=["\n"])
+def strip_padding(row: list[int], pad: int) -> list[int]:
+    while row and row[-1] == pad:
+        row = row[:-1]
+    return row
+
+
+class StopStringCriteria(StoppingCriteria):
+    """Ends a candidate whose newest token completes a stop string in the decoded output text."""
+
+    def __init__(self, tokenizer, prompt_len: int, stops: list[str]):
+        self.tokenizer, self.prompt_len, self.stops = tokenizer, prompt_len, stops
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = []
+        for row in input_ids.tolist():
+            generated = row[self.prompt_len:]
+            now = self.tokenizer.decode(generated, skip_special_tokens=True)
+            before = self.tokenizer.decode(generated[:-1], skip_special_tokens=True)
+            done.append(any(s in now and s not in before for s in self.stops))
+        return torch.tensor(done)
+
+
+@pytest.mark.parametrize("stops", [["e"], ["th", "\n"], ["a"]])
+def test_beam_search_with_stop_strings_matches_transformers(llama_dir, stops):
+    """A stop string ends a candidate like EOS does: transformers' beam search with a stopping
+    criterion written here gives the same beams; the text is cut before the stop string."""
+    hf = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    llm = LLM(str(llama_dir), show_progress=False)
+    tokenizer, pad = llm.get_tokenizer(), hf.generation_config.pad_token_id
+    params = SamplingParams(max_tokens=12, use_beam_search=True, n=2, best_of=3, stop=stops)
+    for prompt in PROMPTS:
+        out = llm.generate([prompt], params, use_tqdm=False)[0]
+        criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, len(prompt), stops)])
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=12, num_beams=3, num_return_sequences=2,
+                          do_sample=False, stopping_criteria=criteria)
+        expected = [strip_padding(row, pad) for row in ref[:, len(prompt):].tolist()]
+        assert [o.token_ids for o in out.outputs] == expected
+        for o in out.outputs:
+            full = tokenizer.decode(o.token_ids, skip_special_tokens=True)
+            if o.stop_reason is not None:
+                assert full.startswith(o.text) and full[len(o.text):].startswith(o.stop_reason)
+    pool = llm.engine.main.kv.pool
+    assert pool.num_free_blocks == pool.num_blocks

@@ -42,6 +42,14 @@ def test_models_lists_both(server):
     assert [m.id for m in server.client().models.list().data] == [MODEL, "amateur"]
 
 
+def test_beam_search_with_stop_strings_matches_offline(server, offline):
+    resp = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, n=2, stop=["e", "a"],
+                                              extra_body={"use_beam_search": True})
+    expected = offline.generate(PROMPT, SamplingParams(max_tokens=12, n=2, use_beam_search=True, stop=["e", "a"]),
+                                use_tqdm=False)[0]
+    assert [(c.text, c.finish_reason) for c in resp.choices] == [(o.text, o.finish_reason) for o in expected.outputs]
+
+
 def test_beam_search_completion_matches_offline(server, offline):
     resp = server.client().completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=10, n=2, best_of=3, logprobs=0,
@@ -103,7 +111,7 @@ def test_contrastive_errors_are_400s_naming_the_field(server):
             client.completions.create(model=MODEL, prompt=PROMPT, extra_body={"contrastive": contrastive})
         assert err.value.body["param"] == param and message in err.value.body["message"]
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt=PROMPT, n=2, stop=["\n"], extra_body={"use_beam_search": True})
-    assert err.value.body["param"] == "stop"
+        client.completions.create(model=MODEL, prompt=PROMPT, n=2, best_of=1, extra_body={"use_beam_search": True})
+    assert err.value.body["param"] == "best_of"
     # The amateur is a served model in its own right.
     assert client.completions.create(model="amateur", prompt=PROMPT, max_tokens=3).choices[0].text is not None
