@@ -35,9 +35,9 @@ class BeamSearch:
     early_stopping: bool | str
     max_tokens: int
     running_scores: torch.Tensor = field(default_factory=lambda: torch.zeros(1))
-    finished_scores: torch.Tensor = None
-    finished_real: torch.Tensor = None
-    finished: list = None  # payloads of the slots (None where empty)
+    finished_scores: torch.Tensor = field(init=False)  # (width,) length-penalised scores of the slots
+    finished_real: torch.Tensor = field(init=False)  # (width,) which slots hold a finished hypothesis
+    finished: list = field(init=False)  # payloads of the slots (None where empty)
     improvable: bool = True  # transformers' is_early_stop_heuristic_unsatisfied
 
     def __post_init__(self):
