@@ -8,7 +8,7 @@ and its blocks are freed at once.
 from counterpoint.decoding.selection import TokenChoice
 from counterpoint.serving.detokenizer import find_stop
 from counterpoint.serving.kv_manager import KVManager
-from counterpoint.serving.output_builder import record_choice, record_token
+from counterpoint.serving.output_builder import record_choice, record_token, stop_at_string
 from counterpoint.serving.request import Hypothesis, Request
 
 
@@ -69,11 +69,7 @@ def finished_beam(request: Request, choice: TokenChoice, tokenizer) -> Hypothesi
     hyp = request.hypotheses[choice.parent].fork(-1, with_seqs=False)
     new_text = record_token(request, hyp, choice, tokenizer)
     token, params = choice.token_id, request.params
-    found = find_stop(hyp.text, len(new_text), params.stop_strings) if params.stop_strings and new_text else None
-    if found:
-        idx, stop = found
-        hyp.text = hyp.text[: idx + len(stop)] if params.include_stop_str_in_output else hyp.text[:idx]
-        hyp.finish_reason, hyp.stop_reason = "stop", stop
+    if stop_at_string(hyp, params, new_text):
         return hyp
     if token in (params.stop_token_ids or ()):
         hyp.finish_reason, hyp.stop_reason = "stop", token
