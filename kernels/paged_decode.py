@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from counterpoint.kernels.attention_tile import attend_tile
 from counterpoint.kernels.checks import check_same_device, check_tensor, dot_precision, next_power_of_2, require
 
 BLOCK_N = 16  # keys per inner tile: tl.dot needs at least 16
@@ -37,19 +38,8 @@ def _partition_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, 
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < end
-        block = tl.load(tables_ptr + seq * stride_ts + n // block_size, mask=n_ok, other=0).to(tl.int64)
-        rows = block * stride_cb + (n % block_size) * stride_co  # (BLOCK_N,)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(base + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-        scores = tl.dot(q, tl.trans(k).to(q.dtype), out_dtype=tl.float32, input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_N)
-        scores = tl.where(n_ok[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        p = tl.exp(scores - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(base + stride_c2 + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, base, tables_ptr + seq * stride_ts, n, n_ok, n_ok[None, :],
+                                    d, d_ok, block_size, scale, stride_c2, stride_cb, stride_co, PRECISION)
     out_rows = seq * stride_as + heads[:, None] * stride_ah + part * stride_ap + d[None, :]
     tl.store(acc_ptr + out_rows, acc, mask=g_ok[:, None] & d_ok[None, :])
     stat_rows = seq * stride_ms + heads * stride_mh + part

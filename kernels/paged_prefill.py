@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from counterpoint.kernels.attention_tile import attend_tile
 from counterpoint.kernels.checks import check_same_device, check_tensor, dot_precision, next_power_of_2, require
 
 BLOCK_M = 16  # queries per program
@@ -38,22 +39,9 @@ def _prefill_kernel(q_ptr, cache_ptr, tables_ptr, starts_ptr, qlens_ptr, lens_pt
         for n0 in range(0, last, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             n_ok = n < last
-            block = tl.load(tables_ptr + seq * stride_ts + n // block_size, mask=n_ok, other=0).to(tl.int64)
-            kv_rows = block * stride_cb + (n % block_size) * stride_co
-            kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(base + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k).to(q.dtype), out_dtype=tl.float32, input_precision=PRECISION) * scale
-            allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
-            scores = tl.where(allowed, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            # NOTE: a padded query row sees no key; keep its max finite so exp() never meets inf − inf.
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(base + stride_c2 + kv_rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, out_dtype=tl.float32, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+            allowed = n_ok[None, :] & (n[None, :] <= q_pos[:, None])  # causal
+            m_i, l_i, acc = attend_tile(q, m_i, l_i, acc, base, tables_ptr + seq * stride_ts, n, n_ok, allowed, d,
+                                        d_ok, block_size, scale, stride_c2, stride_cb, stride_co, PRECISION)
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

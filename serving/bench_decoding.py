@@ -42,10 +42,6 @@ def _transformers_beams(model, prompts, width: int, output_len: int) -> float:
     return time.perf_counter() - start
 
 
-def _fields(params: SamplingParams) -> dict:
-    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.init}
-
-
 def beam(args) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -93,7 +89,7 @@ def contrastive(args) -> dict:
                             contrastive={"amateur": AMATEUR, "alpha": args.alpha, "beta": args.beta})
         tokens = len(work.prompts) * args.output_len
         for warm in (greedy, cd):  # first calls allocate and pick kernels; keep that out of both timings
-            _drive(engine, work.prompts[:1], SamplingParams(**{**_fields(warm), "max_tokens": 2}), "warm-up")
+            _drive(engine, work.prompts[:1], dataclasses.replace(warm, max_tokens=2), "warm-up")
         greedy_s = _drive(engine, work.prompts, greedy, f"greedy c={concurrency}")[0]
         cd_s = _drive(engine, work.prompts, cd, f"contrastive c={concurrency}")[0]
         row = dict(concurrency=concurrency, num_prompts=len(work.prompts), greedy_tok_s=tokens / greedy_s,

@@ -52,10 +52,6 @@ class Engine:
     def tokenizer(self):
         return self.main.tokenizer
 
-    @property
-    def max_model_len(self) -> int:
-        return self.main.max_model_len
-
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
@@ -211,7 +207,8 @@ class Engine:
             if request.beam is not None and request.params.stop_strings else None
         return decoding_step.DecodeGroup(
             request.params, rows, request.num_children if is_first else 1, request.generator, amateur,
-            request.beam, lambda choice: finished_beam(request, choice, tokenizer), ends_text)
+            request.beam, lambda choice: finished_beam(request, choice, tokenizer, self._max_model_len(request)),
+            ends_text)
 
     def _tokenizer(self, request: Request):
         return self.slots[request.model].tokenizer

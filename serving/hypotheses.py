@@ -8,7 +8,7 @@ and its blocks are freed at once.
 from counterpoint.decoding.selection import TokenChoice
 from counterpoint.serving.detokenizer import find_stop
 from counterpoint.serving.kv_manager import KVManager
-from counterpoint.serving.output_builder import record_choice, record_token, stop_at_string
+from counterpoint.serving.output_builder import record_choice, record_token
 from counterpoint.serving.request import Hypothesis, Request
 
 
@@ -64,20 +64,12 @@ def apply_beams(request: Request, choices: list[TokenChoice], kv, tokenizer, don
             hyp.index = i
 
 
-def finished_beam(request: Request, choice: TokenChoice, tokenizer) -> Hypothesis:
+def finished_beam(request: Request, choice: TokenChoice, tokenizer, max_model_len: int) -> Hypothesis:
     """A copy of the parent beam, ended with the chosen token; it holds no KV blocks."""
     hyp = request.hypotheses[choice.parent].fork(-1, with_seqs=False)
-    new_text = record_token(request, hyp, choice, tokenizer)
-    token, params = choice.token_id, request.params
-    if stop_at_string(hyp, params, new_text):
-        return hyp
-    if token in (params.stop_token_ids or ()):
-        hyp.finish_reason, hyp.stop_reason = "stop", token
-    elif token in request.eos_ids and not params.ignore_eos:
-        hyp.finish_reason = "stop"
-    else:
-        hyp.finish_reason = "length"
-    hyp.text += hyp.detok.flush()
+    record_choice(request, hyp, choice, tokenizer, max_model_len)
+    # NOTE: the beam search only finishes candidates that hit a stop condition; this is a guard.
+    hyp.finish_reason = hyp.finish_reason or "length"
     return hyp
 
 

@@ -41,13 +41,13 @@ def _check_stop(request: Request, hyp: Hypothesis, token: int, new_text: str, ma
         hyp.finish_reason, hyp.stop_reason = "stop", token
     elif token in request.eos_ids and not params.ignore_eos and len(hyp.output_ids) >= params.min_tokens:
         hyp.finish_reason = "stop"
-    elif stop_at_string(hyp, params, new_text):
+    elif _stop_at_string(hyp, params, new_text):
         return
     elif len(hyp.output_ids) >= request.max_tokens or request.num_prompt_tokens + len(hyp.output_ids) >= max_model_len:
         hyp.finish_reason = "length"
 
 
-def stop_at_string(hyp: Hypothesis, params, new_text: str) -> bool:
+def _stop_at_string(hyp: Hypothesis, params, new_text: str) -> bool:
     """If the new text completes a stop string, cut the text there and finish the hypothesis."""
     found = find_stop(hyp.text, len(new_text), params.stop_strings) if params.stop_strings and new_text else None
     if found is None:

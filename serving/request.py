@@ -84,7 +84,7 @@ class Request:
     params: SamplingParams
     eos_ids: tuple[int, ...]
     max_tokens: int
-    streams: dict[str, str] = field(default_factory=lambda: {"main": "main"})  # stream name -> model slot
+    streams: dict[str, str]  # stream name -> model slot
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     hypotheses: list[Hypothesis] = field(default_factory=list)  # live ones

@@ -5,14 +5,13 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
 from counterpoint.serving.config import EngineConfig
 from counterpoint.serving.engine import Engine
-from test_sampling import _pool_rare
+from test_sampling import assert_first_tokens_follow
 
 PROMPTS = [[5, 17, 33, 100, 7, 9, 11], [200, 3], list(range(40, 77))]
 
@@ -112,20 +111,11 @@ def test_contrastive_beam_search_matches_transformers_with_reference_scores(llm,
 def test_contrastive_sampling_matches_reference_distribution(llm, hf_pair):
     alpha, beta = 0.02, 0.5
     expected = torch.softmax(reference_scores(*hf_pair, PROMPTS[0], alpha, beta, 1.0), -1)
-    num_samples = 3000
+    assert (expected > 0).sum() > 5, "the head should hold several tokens for this test to mean something"
     params = [SamplingParams(n=30, max_tokens=1, temperature=1.0, seed=seed,
                              contrastive={"amateur": "amateur", "alpha": alpha, "beta": beta}) for seed in range(100)]
     outs = llm.generate([PROMPTS[0]] * 100, params, use_tqdm=False)
-    counts = torch.zeros_like(expected)
-    for out in outs:
-        for o in out.outputs:
-            counts[o.token_ids[0]] += 1
-    support = expected > 0
-    assert counts[~support].sum() == 0, "sampled a token outside the plausibility head"
-    assert support.sum() > 5, "the head should hold several tokens for this test to mean something"
-    observed, exp = _pool_rare(counts[support].double(), expected[support].double() * num_samples)
-    exp = [e * sum(observed) / sum(exp) for e in exp]
-    assert chisquare(observed, exp).pvalue > 1e-3
+    assert_first_tokens_follow(outs, expected, "sampled a token outside the plausibility head")
     seeded = [SamplingParams(n=2, max_tokens=12, temperature=1.0, seed=7, ignore_eos=True,
                              contrastive={"amateur": "amateur"})] * 2
     first, again = llm.generate([PROMPTS[1]] * 2, seeded, use_tqdm=False)

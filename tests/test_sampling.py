@@ -64,13 +64,19 @@ def test_first_token_frequencies_match_processed_distribution(llama_dir, llm, te
     params = [SamplingParams(n=num_samples // 100, max_tokens=1, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, logit_bias=_clip(bias), seed=seed) for seed in range(100)]
     outs = llm.generate([PROMPT] * 100, params, use_tqdm=False)
+    assert_first_tokens_follow(outs, expected, "sampled a token the filters remove")
+
+
+def assert_first_tokens_follow(outs, expected: torch.Tensor, outside_message: str) -> None:
+    """The first tokens of all outputs never leave the support of `expected` and pass a
+    chi-square test against it."""
     counts = torch.zeros_like(expected)
     for out in outs:
         for o in out.outputs:
             counts[o.token_ids[0]] += 1
     support = expected > 0
-    assert counts[~support].sum() == 0, "sampled a token the filters remove"
-    observed, exp = _pool_rare(counts[support].double(), expected[support].double() * num_samples)
+    assert counts[~support].sum() == 0, outside_message
+    observed, exp = _pool_rare(counts[support].double(), expected[support].double() * counts.sum().item())
     exp = [e * sum(observed) / sum(exp) for e in exp]  # float rounding only
     assert chisquare(observed, exp).pvalue > 1e-3
 
