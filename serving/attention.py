@@ -23,6 +23,14 @@ class AttentionMetadata:
     block_size: int
 
 
+def block_table_tensor(tables: list[list[int]], num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """(num_rows, longest table) on the host, each row padded with block 0; rows past the
+    tables are all block 0 (padding sequences)."""
+    width = max(map(len, tables))
+    rows = [table + [0] * (width - len(table)) for table in tables] + [[0] * width] * (num_rows - len(tables))
+    return torch.tensor(rows, dtype=dtype)
+
+
 class KVCache:
     """K and V for every layer: (layers, 2, kv_heads, num_blocks, block_size, head_dim).
 

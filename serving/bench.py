@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.bench_serve import load_prompts, percentile
+from counterpoint.serving.cli import engine_kwargs
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,12 @@ def run_transformers(model, work: Workload, batch_size: int, pad_id: int) -> flo
     for i in tqdm(range(0, len(work.prompts), batch_size), desc="transformers", leave=False):
         prompts, lens = work.prompts[i : i + batch_size], work.output_lens[i : i + batch_size]
         width = max(map(len, prompts))
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=model.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(lens), min_new_tokens=max(lens),
                            do_sample=False, pad_token_id=pad_id)
-    return time.perf_counter() - start
+    return time.perf_counter() - start  # NOTE: generate returns host-visible ids, so the device is synchronised
 
 
 def throughput(args) -> dict:
@@ -71,19 +72,18 @@ def throughput(args) -> dict:
     results = []
     for concurrency in args.concurrency:
         num_prompts = args.num_prompts or max(8, 4 * concurrency)
-        llm = LLM(args.model, dtype=args.dtype, attention_backend=args.attention_backend, max_num_seqs=concurrency,
-                  show_progress=False)
+        llm = LLM(args.model, max_num_seqs=concurrency, show_progress=False, **engine_kwargs(args))
         if args.dataset == "bundled":
             work = bundled_workload(llm.get_tokenizer(), num_prompts, args.output_len, args.seed)
         else:
             work = random_workload(num_prompts, args.input_len, args.output_len, args.range_ratio,
                                    llm.engine.main.vocab_size, args.seed)
-        ours = run_counterpoint(llm, work)
+        ours, device = run_counterpoint(llm, work), llm.engine.device
         row = dict(concurrency=concurrency, num_prompts=num_prompts, output_tokens=work.num_output_tokens,
                    counterpoint_s=ours, counterpoint_tok_s=work.num_output_tokens / ours)
         del llm
         if args.baseline == "transformers":
-            row.update(_transformers_row(args, work, concurrency))
+            row.update(_transformers_row(args, work, concurrency, device))
             row["ratio"] = row["counterpoint_tok_s"] / row["transformers_tok_s"]
         results.append(row)
         _print_row(row)
@@ -92,12 +92,12 @@ def throughput(args) -> dict:
                 results=results)
 
 
-def _transformers_row(args, work: Workload, concurrency: int) -> dict:
+def _transformers_row(args, work: Workload, concurrency: int, device: torch.device) -> dict:
     from transformers import AutoModelForCausalLM
     from counterpoint.serving.models.loader import DTYPES
 
     dtype = DTYPES.get(args.dtype, "auto")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     pad_id = model.generation_config.pad_token_id or 0
     elapsed = run_transformers(model, work, concurrency, pad_id)
     tok_s = work.num_output_tokens / elapsed
@@ -114,8 +114,7 @@ def _print_row(row: dict) -> None:
 def latency(args) -> dict:
     from counterpoint.serving import LLM
 
-    llm = LLM(args.model, dtype=args.dtype, attention_backend=args.attention_backend,
-              max_num_seqs=max(args.batch_size, 1), show_progress=False)
+    llm = LLM(args.model, max_num_seqs=max(args.batch_size, 1), show_progress=False, **engine_kwargs(args))
     work = random_workload(args.batch_size, args.input_len, args.output_len, 0.0, llm.engine.main.vocab_size, args.seed)
     params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for _ in range(args.warmup):

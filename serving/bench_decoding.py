@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.bench import random_workload
+from counterpoint.serving.cli import engine_kwargs
 
 
 def _drive(engine, prompts, params, desc: str) -> tuple[float, int, int]:
@@ -36,9 +37,10 @@ def _transformers_beams(model, prompts, width: int, output_len: int) -> float:
     model.generation_config.eos_token_id = None  # every beam runs to output_len, as with ignore_eos
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(input_ids=torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]),
-                       dtype=torch.long), max_new_tokens=output_len, num_beams=width, do_sample=False,
-                       early_stopping=False, pad_token_id=model.generation_config.pad_token_id or 0)
+        ids = torch.tensor(prompts, device=model.device)
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
+                       num_beams=width, do_sample=False, early_stopping=False,
+                       pad_token_id=model.generation_config.pad_token_id or 0)
     return time.perf_counter() - start
 
 
@@ -46,13 +48,14 @@ def beam(args) -> dict:
     from transformers import AutoModelForCausalLM
 
     from counterpoint.serving import LLM
+    from counterpoint.serving.config import EngineConfig
     from counterpoint.serving.models.loader import DTYPES
 
-    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES.get(args.dtype, "auto")).eval()
+    device = EngineConfig(args.model, device=args.device).torch_device
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES.get(args.dtype, "auto")).to(device).eval()
     results = []
     for width in args.widths:
-        llm = LLM(args.model, dtype=args.dtype, max_num_seqs=args.concurrency * width, show_progress=False,
-                  attention_backend=args.attention_backend)
+        llm = LLM(args.model, max_num_seqs=args.concurrency * width, show_progress=False, **engine_kwargs(args))
         work = random_workload(args.concurrency, args.input_len, args.output_len, 0.0, llm.engine.main.vocab_size,
                                args.seed)
         params = SamplingParams(max_tokens=args.output_len, use_beam_search=True, n=1, best_of=width,
@@ -78,9 +81,9 @@ def contrastive(args) -> dict:
 
     results = []
     for concurrency in args.concurrency:
-        llm = LLM(args.model, amateur=args.amateur, dtype=args.dtype, max_num_seqs=concurrency, show_progress=False,
-                  attention_backend=args.attention_backend,
-                  enable_prefix_caching=False)  # the second run must not reuse the first one's prompts
+        # NOTE: no prefix cache: the second run must not reuse the first one's prompts
+        llm = LLM(args.model, amateur=args.amateur, max_num_seqs=concurrency, show_progress=False,
+                  enable_prefix_caching=False, **engine_kwargs(args))
         engine = llm.engine
         work = random_workload(args.num_prompts or max(4, 2 * concurrency), args.input_len, args.output_len, 0.0,
                                engine.main.vocab_size, args.seed)

@@ -3,8 +3,9 @@
 1. Decode attention bandwidth: bytes of K and V read per second by the paged decode kernel, and
    that as a fraction of the memory peak (`--peak-gbs`).
 2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default) at several batch
-   sizes: the engine on the Triton backend, transformers' generate on the same device, and the
-   bound of reading every weight once per step at the memory peak.
+   sizes: the engine on the Triton backend with CUDA graphs and without (--enforce-eager),
+   transformers' generate on the same device, and the bound of reading every weight once per
+   step at the memory peak.
 """
 
 import tempfile
@@ -73,11 +74,11 @@ def _prompts(batch: int, input_len: int, vocab_size: int) -> list[list[int]]:
     return torch.randint(3, vocab_size, (batch, input_len), generator=gen).tolist()
 
 
-def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args) -> float:
+def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args, eager: bool) -> float:
     from counterpoint.serving import LLM
 
     llm = LLM(path, dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=batch,
-              max_num_batched_tokens=max(2048, batch * args.input_len), show_progress=False)
+              max_num_batched_tokens=max(2048, batch * args.input_len), enforce_eager=eager, show_progress=False)
     engine = llm.engine
     params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(_prompts(batch, args.input_len, engine.main.vocab_size)):
@@ -119,13 +120,16 @@ def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         bound_ms = weight_bytes / (args.peak_gbs * 1e9) * 1e3
         for batch in tqdm(args.batch_sizes, desc="decode steps"):
-            ours = _engine_step_ms(tmp, dtype, device, batch, args)
+            ours = _engine_step_ms(tmp, dtype, device, batch, args, eager=False)
+            eager = _engine_step_ms(tmp, dtype, device, batch, args, eager=True)
             theirs = _transformers_step_ms(hf, device, batch, args)
-            row = dict(batch=batch, counterpoint_ms=ours, transformers_ms=theirs, weight_bound_ms=bound_ms,
-                       of_bound=bound_ms / ours, vs_transformers=theirs / ours)
+            row = dict(batch=batch, counterpoint_ms=ours, counterpoint_eager_ms=eager, transformers_ms=theirs,
+                       weight_bound_ms=bound_ms, of_bound=bound_ms / ours, vs_transformers=theirs / ours,
+                       graphs_speedup=eager / ours)
             rows.append(row)
-            print(f"decode step batch {batch:>3}: counterpoint {ours:7.2f} ms | transformers {theirs:7.2f} ms | "
-                  f"weight-read bound {bound_ms:6.2f} ms ({100 * bound_ms / ours:.0f}% of bound)", flush=True)
+            print(f"decode step batch {batch:>3}: counterpoint {ours:7.2f} ms (eager {eager:7.2f} ms) | "
+                  f"transformers {theirs:7.2f} ms | weight-read bound {bound_ms:6.2f} ms "
+                  f"({100 * bound_ms / ours:.0f}% of bound)", flush=True)
     return rows
 
 

@@ -21,6 +21,14 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=positive_int, default=None)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="auto: the Triton kernels on CUDA, the torch path on the CPU; torch forces the torch path")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: run every decode step eagerly (graphs are used on CUDA with triton)")
+
+
+def engine_kwargs(args) -> dict:
+    """The flags of _add_engine_flags as EngineConfig fields."""
+    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
 
 
 def _generate_parser(sub) -> None:
@@ -169,11 +177,10 @@ def run_serve(args, parser) -> None:
     if len(set(names)) < len(names):
         parser.error(f"--model: served names must be unique; got {', '.join(names)}")
     (name, path), extra = models[0], tuple(models[1:])
-    config = EngineConfig(model=path, served_name=name, extra_models=extra, dtype=args.dtype, device=args.device,
-                          block_size=args.block_size, num_blocks=args.num_blocks,
-                          kv_cache_memory_gib=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-                          attention_backend=args.attention_backend)
+    config = EngineConfig(model=path, served_name=name, extra_models=extra, block_size=args.block_size,
+                          num_blocks=args.num_blocks, kv_cache_memory_gib=args.kv_cache_memory,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          **engine_kwargs(args))
     # NOTE: the engine thread and the event loop share the GIL; a short switch interval keeps the
     # engine from waiting out the default 5 ms slice (measured: +8% served tokens/s at 8 clients).
     sys.setswitchinterval(0.0002)
@@ -233,8 +240,7 @@ def run_generate(args, parser) -> None:
                                 contrastive=contrastive)
     except ValueError as err:
         parser.error(str(err))
-    llm = LLM(model, amateur=amateur, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-              attention_backend=args.attention_backend)
+    llm = LLM(model, amateur=amateur, **engine_kwargs(args))
     prompt = args.prompt
     if args.chat:
         prompt = llm.get_tokenizer().apply_chat_template(

@@ -21,6 +21,8 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
+    enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
+    cuda_graph_max_batch_size: int = 256  # larger decode batches run eagerly
     seed: int = 0
     show_progress: bool = True
 
@@ -35,6 +37,7 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len > 1, "an integer > 1"),
             ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+            ("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size > 0, "a positive integer"),
             ("attention_backend", self.attention_backend in ("auto", "torch", "triton"), "auto, torch or triton"),
         ]
         for name, ok, expected in checks:
@@ -65,6 +68,12 @@ class EngineConfig:
         if self.attention_backend != "auto":
             return self.attention_backend
         return "triton" if self.torch_device.type == "cuda" else "torch"
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs: on CUDA, with the Triton kernels, unless enforce_eager."""
+        return (not self.enforce_eager and self.torch_device.type == "cuda"
+                and self.resolved_attention_backend == "triton")
 
     @property
     def num_batched_tokens(self) -> int:

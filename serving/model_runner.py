@@ -2,7 +2,8 @@
 
 import torch
 
-from counterpoint.serving.attention import AttentionMetadata, KVCache, create_backend
+from counterpoint.serving.attention import AttentionMetadata, KVCache, block_table_tensor, create_backend
+from counterpoint.serving.cuda_graphs import DecodeGraphs
 from counterpoint.serving.models.llama import LlamaForCausalLM
 from counterpoint.serving.scheduler import ScheduledSeq
 
@@ -13,6 +14,15 @@ class ModelRunner:
         self.cache = cache
         self.device = device
         self.backend = create_backend(backend, scale=model.shape.head_dim**-0.5)
+        self.graphs: DecodeGraphs | None = None
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self, batch_sizes: list[int], max_model_len: int, show_progress: bool = True) -> None:
+        """From now on, steps of decodes alone replay a graph (needs the Triton backend)."""
+        if not hasattr(self.backend, "prepare_decode"):
+            raise ValueError("CUDA graphs need the triton attention backend")
+        self.graphs = DecodeGraphs(self.model, self.cache, self.backend, batch_sizes, max_model_len, self.device,
+                                   show_progress)
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]) -> list[torch.Tensor]:
@@ -21,18 +31,30 @@ class ModelRunner:
         # Decodes first: the attention backend batches them together.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         batch = [scheduled[i] for i in order]
-        input_ids, positions, slots, logit_rows = self._flatten(batch)
-        meta = self._metadata(batch, slots)
-        self.backend.prepare(meta, self.cache)
-        hidden = self.model(input_ids, positions, self.backend)  # (T, hidden)
-        logits = self.model.compute_logits(hidden[torch.cat(logit_rows)]) if logit_rows else None
+        ids, positions, slots, logit_rows = self._flatten(batch)
+        hidden = self._forward(batch, ids, positions, slots)  # (T, hidden)
+        flat_rows = torch.tensor([row for rows in logit_rows for row in rows], dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[flat_rows])
         per_seq, start = [None] * len(scheduled), 0
-        for i, rows in zip(order, logit_rows):
-            per_seq[i] = logits[start : start + len(rows)]
-            start += len(rows)
+        for i, r in zip(order, logit_rows):
+            per_seq[i] = logits[start : start + len(r)]
+            start += len(r)
         return per_seq
 
+    def _forward(self, batch: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int]):
+        tables = [item.seq.block_table for item in batch]
+        all_decodes = all(item.num_new_tokens == 1 for item in batch)
+        if self.graphs is not None and all_decodes and self.graphs.fits(len(batch), max(map(len, tables))):
+            context_lens = [item.seq.num_computed_tokens + 1 for item in batch]
+            return self.graphs.run(ids, positions, slots, tables, context_lens)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
+        slot_mapping = as_tensor(slots)
+        self.backend.prepare(self._metadata(batch, slot_mapping), self.cache)
+        return self.model(as_tensor(ids), as_tensor(positions), self.backend)
+
     def _flatten(self, batch: list[ScheduledSeq]):
+        """Host lists: token ids, positions and cache slots of every new token, and each
+        sequence's flat rows whose logits the step returns."""
         ids, pos, slots, logit_rows = [], [], [], []
         bs = self.cache.block_size
         for item in batch:
@@ -42,16 +64,11 @@ class ModelRunner:
             ids += seq.token_ids[start : start + item.num_new_tokens]
             pos += span
             slots += [seq.block_table[p // bs] * bs + p % bs for p in span]
-            logit_rows.append(torch.tensor([p + offset for p in item.logit_positions], dtype=torch.long))
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
-        logit_rows = [r.to(self.device) for r in logit_rows]
-        return as_tensor(ids), as_tensor(pos), as_tensor(slots), logit_rows
+            logit_rows.append([p + offset for p in item.logit_positions])
+        return ids, pos, slots, logit_rows
 
     def _metadata(self, batch: list[ScheduledSeq], slots: torch.Tensor) -> AttentionMetadata:
-        width = max(len(item.seq.block_table) for item in batch)
-        tables = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, item in enumerate(batch):
-            tables[i, : len(item.seq.block_table)] = torch.tensor(item.seq.block_table)
+        tables = block_table_tensor([item.seq.block_table for item in batch], len(batch), torch.long)
         return AttentionMetadata(
             slot_mapping=slots,
             block_tables=tables.to(self.device),

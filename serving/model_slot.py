@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from counterpoint.serving.attention import KVCache
 from counterpoint.serving.block_pool import BlockPool
 from counterpoint.serving.config import EngineConfig
+from counterpoint.serving.cuda_graphs import default_batch_sizes
 from counterpoint.serving.kv_manager import KVManager
 from counterpoint.serving.model_runner import ModelRunner
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
@@ -47,10 +48,14 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
         model.use_triton_kernels()
     pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    max_model_len = min(max_model_len, num_blocks * config.block_size)
+    runner = ModelRunner(model, cache, backend, device)
+    if config.uses_cuda_graphs:
+        sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)
+        runner.capture_decode_graphs(sizes, max_model_len, config.show_progress)
     return ModelSlot(
-        name=name, path=path, model=model, tokenizer=tokenizer,
-        eos_ids=_eos_ids(path, hf_config, tokenizer), max_model_len=min(max_model_len, num_blocks * config.block_size),
-        kv=KVManager(pool), runner=ModelRunner(model, cache, backend, device),
+        name=name, path=path, model=model, tokenizer=tokenizer, eos_ids=_eos_ids(path, hf_config, tokenizer),
+        max_model_len=max_model_len, kv=KVManager(pool), runner=runner,
     )
 
 

@@ -17,21 +17,29 @@ class TritonAttention(AttentionBackend):
 
     def prepare(self, meta: AttentionMetadata, cache: KVCache) -> None:
         # NOTE: every per-step tensor is built here once, from host lists: no device sync per layer.
-        self.meta, self.cache, n = meta, cache, meta.num_decodes
+        n = meta.num_decodes
         device = meta.block_tables.device
         as_i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
-        self.tables = meta.block_tables.to(torch.int32)
-        self.context_lens = as_i32(meta.context_lens)
+        self.prepare_decode(cache, meta.slot_mapping, meta.block_tables.to(torch.int32), as_i32(meta.context_lens),
+                            max(meta.context_lens[:n], default=0))
+        self.num_decodes = n
         prefill_qlens = meta.query_lens[n:]
         self.query_starts = as_i32([sum(prefill_qlens[:i]) for i in range(len(prefill_qlens))])
         self.query_lens = as_i32(prefill_qlens)
-        self.max_decode_len = max(meta.context_lens[:n], default=0)
         self.max_query_len = max(prefill_qlens, default=0)
+
+    def prepare_decode(self, cache: KVCache, slot_mapping: torch.Tensor, tables: torch.Tensor,
+                       context_lens: torch.Tensor, max_decode_len: int) -> None:
+        """A step of decodes alone over tensors the caller owns: the CUDA graphs' static buffers.
+        `max_decode_len` (a host int) sizes the split-K grid, so it must bound every context."""
+        self.cache, self.slot_mapping, self.tables, self.context_lens = cache, slot_mapping, tables, context_lens
+        self.max_decode_len = max_decode_len
+        self.num_decodes = tables.shape[0]
 
     def attend(self, layer_idx, q, k, v):
         kv_cache = self.cache.layer(layer_idx)
-        store_kv(k, v, kv_cache, self.meta.slot_mapping)
-        n = self.meta.num_decodes
+        store_kv(k, v, kv_cache, self.slot_mapping)
+        n = self.num_decodes
         if n == q.shape[0]:
             return paged_decode(q, kv_cache, self.tables, self.context_lens, self.scale, self.max_decode_len)
         out = torch.empty_like(q)

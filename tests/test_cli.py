@@ -36,7 +36,7 @@ def test_bad_flags_exit_2_with_one_line(llama_dir):
 def test_bench_throughput_writes_json(llama_dir, tmp_path):
     out = tmp_path / "bench.json"
     proc = run("bench", "throughput", "--model", str(llama_dir), "--concurrency", "1", "3", "--input-len", "8",
-               "--output-len", "6", "--json", str(out))
+               "--output-len", "6", "--json", str(out), "--device", "cpu", "--enforce-eager")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert [r["concurrency"] for r in result["results"]] == [1, 3]

@@ -1,0 +1,79 @@
+"""CUDA graphs of the decode step, one per batch-size bucket.
+
+A decode step of a small batch launches hundreds of short kernels; replaying a captured graph
+launches them all at once, so the step is no longer bound by Python and launch overhead. A batch
+of decodes is padded up to the next bucket: padding rows write no KV (slot −1), attend to one
+token of block 0, and their outputs are ignored. The split-K grid is sized for the longest
+context the model allows, so one graph serves every context length.
+
+On a device without CUDA (the tests) the same static buffers are replayed eagerly, which checks
+the padding and buffer plumbing everywhere but the capture itself.
+"""
+
+import torch
+from tqdm import tqdm
+
+from counterpoint.serving.attention import KVCache, block_table_tensor
+from counterpoint.serving.models.llama import LlamaForCausalLM
+
+
+def default_batch_sizes(max_num_seqs: int, largest: int) -> list[int]:
+    """1, 2, 4, then every multiple of 8 up to the batch the engine can schedule (as vLLM)."""
+    top = min(max_num_seqs, largest)
+    sizes = [s for s in (1, 2, 4) if s < top] + list(range(8, top, 8))
+    return sizes + [top]
+
+
+class DecodeGraphs:
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, backend, batch_sizes: list[int],
+                 max_model_len: int, device: torch.device, show_progress: bool = True):
+        self.model, self.cache, self.backend, self.device = model, cache, backend, device
+        self.batch_sizes = sorted(set(batch_sizes))
+        self.max_model_len = max_model_len
+        largest, width = self.batch_sizes[-1], -(-max_model_len // cache.block_size)
+        new = lambda *shape, dtype=torch.int64, fill=0: torch.full(shape, fill, dtype=dtype, device=device)  # noqa: E731
+        self.input_ids, self.positions = new(largest), new(largest)
+        self.slots = new(largest, fill=-1)
+        self.tables = new(largest, width, dtype=torch.int32)
+        self.context_lens = new(largest, dtype=torch.int32, fill=1)
+        self.hidden = torch.zeros(largest, model.shape.hidden_size, dtype=model.embed_tokens.weight.dtype,
+                                  device=device)
+        self.replays = 0  # steps served by a graph (for tests and benchmarks)
+        self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        # NOTE: largest first, sharing one memory pool, so smaller graphs reuse the larger ones' memory.
+        self.graphs = {size: self._capture(size) for size in tqdm(self.batch_sizes[::-1], desc="capturing CUDA graphs",
+                                                                  disable=not show_progress, leave=False)}
+
+    def fits(self, num_seqs: int, table_len: int) -> bool:
+        return num_seqs <= self.batch_sizes[-1] and table_len <= self.tables.shape[1]
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+            context_lens: list[int]) -> torch.Tensor:
+        """One decode step for len(ids) sequences -> their (len(ids), hidden) final hidden states,
+        a view of a static buffer that the next step overwrites."""
+        n = len(ids)
+        size = next(s for s in self.batch_sizes if s >= n)
+        pad = size - n
+        rows = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [-1] * pad], dtype=torch.int64)
+        self.input_ids[:size], self.positions[:size], self.slots[:size] = rows.to(self.device)
+        host_tables = block_table_tensor(tables, size, torch.int32)
+        self.tables[:size, : host_tables.shape[1]] = host_tables.to(self.device)
+        self.context_lens[:size] = torch.tensor(context_lens + [1] * pad, dtype=torch.int32).to(self.device)
+        self.graphs[size]()
+        self.replays += 1
+        return self.hidden[:n]
+
+    def _capture(self, size: int):
+        def step():
+            self.backend.prepare_decode(self.cache, self.slots[:size], self.tables[:size], self.context_lens[:size],
+                                        self.max_model_len)
+            self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.backend)
+
+        if self.device.type != "cuda":
+            return step
+        step()  # NOTE: warm-up: Triton compiles and cuBLAS picks its kernels before the capture records them
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            step()
+        return graph.replay
