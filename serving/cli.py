@@ -184,7 +184,7 @@ def run_serve(args, parser) -> None:
     # NOTE: the engine thread and the event loop share the GIL; a short switch interval keeps the
     # engine from waiting out the default 5 ms slice (measured: +8% served tokens/s at 8 clients).
     sys.setswitchinterval(0.0002)
-    engine = AsyncEngine(lambda: Engine(config), args.max_queue, Metrics(name))
+    engine = AsyncEngine(lambda: Engine(config), args.max_queue, Metrics())
     app = build_app(engine, names, args.api_key, args.shutdown_timeout)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=int(args.shutdown_timeout))
 

@@ -5,6 +5,8 @@ for token counts and latencies. Every series carries `model_name`.
 """
 
 import time
+from collections import Counter as PyCounter
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -22,9 +24,11 @@ def decoding_method(params) -> str:
 
 
 class Metrics:
-    def __init__(self, model_name: str):
+    """Request series are labelled with the request's model; the per-step gauges and the block
+    pool counters are reported for every served model, each with its own pool."""
+
+    def __init__(self):
         self.registry = CollectorRegistry()
-        self.model_name = model_name
         m, r = ["model_name"], self.registry
         self.running = Gauge("counterpoint:num_requests_running", "Requests running", m, registry=r)
         self.waiting = Gauge("counterpoint:num_requests_waiting", "Requests waiting", m, registry=r)
@@ -42,44 +46,60 @@ class Metrics:
         self.itl = hist("counterpoint:inter_token_latency_seconds", "Time between output tokens")
         self.e2e = hist("counterpoint:e2e_request_latency_seconds", "Request latency, arrival to finish")
         self.queue_time = hist("counterpoint:request_queue_time_seconds", "Time waiting before first scheduled")
-        self._seen = {"queries": 0, "hits": 0, "preemptions": 0}
-        self._progress: dict[str, tuple[int, float]] = {}  # request id -> (tokens reported, time)
+        self._seen: dict[tuple[str, str], int] = {}  # (counter, model) -> engine total last reported
+        self._open: dict[str, _Progress] = {}
 
     def on_add(self, request) -> None:
-        self.prompt_tokens.labels(self.model_name).inc(request.num_prompt_tokens)
-        self.by_method.labels(self.model_name, decoding_method(request.params)).inc()
+        self._open[request.request_id] = _Progress(request.model)
+        self.prompt_tokens.labels(request.model).inc(request.num_prompt_tokens)
+        self.by_method.labels(request.model, decoding_method(request.params)).inc()
 
     def on_step(self, engine) -> None:
-        sched, pool = engine.scheduler, engine.main.kv.pool
-        self.running.labels(self.model_name).set(len(sched.running))
-        self.waiting.labels(self.model_name).set(len(sched.waiting))
-        self.kv_usage.labels(self.model_name).set(pool.usage)
-        for key, counter, value in (("queries", self.cache_queries, pool.num_queries),
-                                    ("hits", self.cache_hits, pool.num_hits),
-                                    ("preemptions", self.preemptions, sched.num_preemptions)):
-            counter.labels(self.model_name).inc(value - self._seen[key])
-            self._seen[key] = value
+        sched = engine.scheduler
+        running = PyCounter(r.model for r in sched.running)
+        waiting = PyCounter(r.model for r in sched.waiting)
+        for name, slot in engine.slots.items():
+            pool = slot.kv.pool
+            self.running.labels(name).set(running[name])
+            self.waiting.labels(name).set(waiting[name])
+            self.kv_usage.labels(name).set(pool.usage)
+            for key, counter, value in (("queries", self.cache_queries, pool.num_queries),
+                                        ("hits", self.cache_hits, pool.num_hits),
+                                        ("preemptions", self.preemptions, sched.preemptions[name])):
+                counter.labels(name).inc(value - self._seen.get((key, name), 0))
+                self._seen[key, name] = value
 
     def on_output(self, out) -> None:
+        progress = self._open.get(out.request_id)
+        if progress is None:
+            return
         now = time.monotonic()
         num_tokens = sum(len(o.token_ids) for o in out.outputs)
-        reported, last_time = self._progress.get(out.request_id, (0, None))
-        new = num_tokens - reported
+        new, model = num_tokens - progress.tokens, progress.model
         if new > 0:
-            self.generation_tokens.labels(self.model_name).inc(new)
-            if last_time is None:
-                self.ttft.labels(self.model_name).observe(now - out.metrics.arrival_time)
+            self.generation_tokens.labels(model).inc(new)
+            if progress.last_time is None:
+                self.ttft.labels(model).observe(now - out.metrics.arrival_time)
             else:
-                self.itl.labels(self.model_name).observe((now - last_time) / new)
-            self._progress[out.request_id] = (num_tokens, now)
+                self.itl.labels(model).observe((now - progress.last_time) / new)
+            progress.tokens, progress.last_time = num_tokens, now
         if out.finished:
-            self._finish(out, now)
+            self._finish(out, model, now)
 
-    def _finish(self, out, now: float) -> None:
-        self._progress.pop(out.request_id, None)
+    def _finish(self, out, model: str, now: float) -> None:
+        del self._open[out.request_id]
         reasons = {o.finish_reason for o in out.outputs}
         reason = "abort" if "abort" in reasons else ("stop" if "stop" in reasons else "length")
-        self.success.labels(self.model_name, reason).inc()
-        self.e2e.labels(self.model_name).observe(now - out.metrics.arrival_time)
+        self.success.labels(model, reason).inc()
+        self.e2e.labels(model).observe(now - out.metrics.arrival_time)
         if out.metrics.first_scheduled_time is not None:
-            self.queue_time.labels(self.model_name).observe(out.metrics.first_scheduled_time - out.metrics.arrival_time)
+            self.queue_time.labels(model).observe(out.metrics.first_scheduled_time - out.metrics.arrival_time)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """An open request's model, output tokens counted so far and when the last came."""
+
+    model: str
+    tokens: int = 0
+    last_time: float | None = None

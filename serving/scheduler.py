@@ -48,7 +48,7 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.num_preemptions = 0
+        self.preemptions: Counter[str] = Counter()  # per model of the preempted request
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -156,7 +156,7 @@ class Scheduler:
             self.kv[seq.model].free(seq)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
-        self.num_preemptions += 1
+        self.preemptions[request.model] += 1
         self.waiting.appendleft(request)
 
     def finish(self, request: Request) -> None:

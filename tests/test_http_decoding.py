@@ -115,3 +115,24 @@ def test_contrastive_errors_are_400s_naming_the_field(server):
     assert err.value.body["param"] == "best_of"
     # The amateur is a served model in its own right.
     assert client.completions.create(model="amateur", prompt=PROMPT, max_tokens=3).choices[0].text is not None
+
+
+def test_metrics_are_labelled_with_each_request_s_model(server):
+    from test_http_server import scrape, wait_until
+
+    before = scrape(server)
+    client = server.client()
+    greedy = {"ignore_eos": True}
+    usage = {"amateur": client.completions.create(model="amateur", prompt=PROMPT, max_tokens=3, temperature=0,
+                                                  extra_body=greedy).usage,
+             MODEL: client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0,
+                                              extra_body={**greedy, "contrastive": CD}).usage}
+    delta = lambda name, labels: scrape(server).get((name, labels), 0) - before.get((name, labels), 0)  # noqa: E731
+    for model, used in usage.items():
+        label = (("model_name", model),)
+        assert wait_until(lambda: delta("counterpoint:generation_tokens_total", label) == used.completion_tokens)
+        assert delta("counterpoint:prompt_tokens_total", label) == used.prompt_tokens
+        assert ("counterpoint:kv_cache_usage_perc", label) in scrape(server)
+    methods = {"amateur": "greedy", MODEL: "contrastive"}
+    for model, method in methods.items():
+        assert delta("counterpoint:requests_by_decoding_total", (("method", method), ("model_name", model))) == 1

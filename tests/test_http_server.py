@@ -28,7 +28,7 @@ class Server:
     def __init__(self, model_dir, api_key=None, max_queue=None, engine=None, served=(MODEL,), **engine_args):
         engine = engine or Engine(EngineConfig(model=str(model_dir), served_name=MODEL, show_progress=False,
                                                **engine_args))
-        self.engine = AsyncEngine(engine, max_queue, Metrics(MODEL))
+        self.engine = AsyncEngine(engine, max_queue, Metrics())
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
