@@ -43,20 +43,30 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     num_blocks = _num_blocks(model, dtype, config, max_model_len)
     s = model.shape
     cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)
-    backend = config.resolved_attention_backend
-    if backend == "triton":
-        model.use_triton_kernels()
     pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
     tokenizer = AutoTokenizer.from_pretrained(path)
     max_model_len = min(max_model_len, num_blocks * config.block_size)
-    runner = ModelRunner(model, cache, backend, device)
-    if config.uses_cuda_graphs:
-        sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)
-        runner.capture_decode_graphs(sizes, max_model_len, config.show_progress)
+    runner = _runner(name, model, cache, config, max_model_len)
     return ModelSlot(
         name=name, path=path, model=model, tokenizer=tokenizer, eos_ids=_eos_ids(path, hf_config, tokenizer),
         max_model_len=max_model_len, kv=KVManager(pool), runner=runner,
     )
+
+
+def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineConfig,
+            max_model_len: int) -> ModelRunner:
+    backend = config.resolved_attention_backend
+    if backend == "triton":
+        model.use_triton_kernels()
+    runner = ModelRunner(model, cache, backend, config.torch_device)
+    if config.uses_cuda_graphs:
+        sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)
+        try:
+            runner.capture_decode_graphs(sizes, max_model_len, config.show_progress)
+        except RuntimeError as err:
+            raise RuntimeError(f"capturing CUDA graphs for {name} failed ({err}); enforce_eager=True "
+                               "(--enforce-eager) serves without them") from err
+    return runner
 
 
 def _max_model_len(shape: LlamaShape, config: EngineConfig) -> int:
