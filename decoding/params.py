@@ -23,7 +23,8 @@ class ContrastiveParams:
     amateur_temperature: float = 1.0
 
     def __post_init__(self):
-        _check(isinstance(self.amateur, str) and bool(self.amateur), "contrastive.amateur", "a served model id", self.amateur)
+        _check(isinstance(self.amateur, str) and bool(self.amateur), "contrastive.amateur", "a served model id",
+               self.amateur)
         _check(0 < self.alpha <= 1, "contrastive.alpha", "in (0, 1]", self.alpha)
         _check(self.beta >= 0, "contrastive.beta", ">= 0", self.beta)
         _check(self.amateur_temperature > 0, "contrastive.amateur_temperature", "> 0", self.amateur_temperature)
@@ -93,17 +94,22 @@ class SamplingParams:
     def _check_counts(self):
         _check(isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1", self.n)
         if self.best_of is not None:
-            _check(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of", f"an integer >= n ({self.n})", self.best_of)
+            _check(isinstance(self.best_of, int) and self.best_of >= self.n, "best_of",
+                   f"an integer >= n ({self.n})", self.best_of)
         if self.max_tokens is not None:
-            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", "an integer >= 0", self.max_tokens)
-        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "an integer >= 0", self.min_tokens)
+            _check(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", "an integer >= 0",
+                   self.max_tokens)
+        _check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens", "an integer >= 0",
+               self.min_tokens)
         if self.max_tokens is not None:
-            _check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+            _check(self.min_tokens <= self.max_tokens, "min_tokens", f"<= max_tokens ({self.max_tokens})",
+                   self.min_tokens)
 
     def _check_sampling(self):
         _check(self.temperature >= 0, "temperature", ">= 0", self.temperature)
         _check(0 < self.top_p <= 1, "top_p", "in (0, 1]", self.top_p)
-        _check(isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1), "top_k", "-1, 0 (off) or a positive integer", self.top_k)
+        _check(isinstance(self.top_k, int) and (self.top_k >= 0 or self.top_k == -1), "top_k",
+               "-1, 0 (off) or a positive integer", self.top_k)
         _check(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         if self.seed is not None:
             _check(isinstance(self.seed, int), "seed", "an integer", self.seed)
@@ -121,15 +127,18 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
-                _check(isinstance(value, int) and 0 <= value <= MAX_LOGPROBS, name, f"an integer in [0, {MAX_LOGPROBS}]", value)
+                _check(isinstance(value, int) and 0 <= value <= MAX_LOGPROBS, name,
+                       f"an integer in [0, {MAX_LOGPROBS}]", value)
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         _check(all(isinstance(s, str) and s for s in stops), "stop", "a non-empty string or a list of them", self.stop)
         self.stop_strings = stops
         ids = self.stop_token_ids or []
-        _check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids", "a list of token ids", self.stop_token_ids)
+        _check(all(isinstance(t, int) and t >= 0 for t in ids), "stop_token_ids", "a list of token ids",
+               self.stop_token_ids)
 
     def _check_beam_search(self):
-        _check(self.early_stopping in (True, False, "never"), "early_stopping", 'true, false or "never"', self.early_stopping)
+        _check(self.early_stopping in (True, False, "never"), "early_stopping", 'true, false or "never"',
+               self.early_stopping)
         _check(isinstance(self.length_penalty, (int, float)), "length_penalty", "a number", self.length_penalty)
 
     @property

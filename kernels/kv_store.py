@@ -34,7 +34,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slo
     require(value.shape == key.shape, f"value must have key's shape {tuple(key.shape)}; got {tuple(value.shape)}")
     require(kv_cache.shape[0] == 2 and kv_cache.shape[1] == num_kv_heads and kv_cache.shape[4] == head_dim,
             f"kv_cache must be (2, {num_kv_heads}, num_blocks, block_size, {head_dim}); got {tuple(kv_cache.shape)}")
-    require(slot_mapping.shape == (num_tokens,), f"slot_mapping must be ({num_tokens},); got {tuple(slot_mapping.shape)}")
+    require(slot_mapping.shape == (num_tokens,),
+            f"slot_mapping must be ({num_tokens},); got {tuple(slot_mapping.shape)}")
     if num_tokens == 0:
         return
     _store_kv_kernel[(num_tokens, num_kv_heads)](

@@ -105,9 +105,10 @@ class TorchAttention(AttentionBackend):
             lens = torch.tensor(meta.context_lens[:n], device=meta.block_tables.device)
             is_pad = torch.arange(num_blocks * bs, device=lens.device) >= lens[:, None]  # (Bd, L)
             self.decode_bias = torch.zeros(is_pad.shape, device=lens.device).masked_fill(is_pad, -float("inf"))
+        # NOTE: a chunk with no earlier context attends to its own keys alone: no table
         self.prefill_tables = [
-            meta.block_tables[i, : -(-meta.context_lens[i] // bs)] if meta.context_lens[i] > meta.query_lens[i] else None
-            for i in range(n, len(meta.query_lens))
+            meta.block_tables[i, : -(-context // bs)] if context > qlen else None
+            for i, (context, qlen) in enumerate(zip(meta.context_lens[n:], meta.query_lens[n:]), start=n)
         ]
 
     def attend(self, layer_idx, q, k, v):

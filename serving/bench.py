@@ -87,9 +87,9 @@ def throughput(args) -> dict:
             row["ratio"] = row["counterpoint_tok_s"] / row["transformers_tok_s"]
         results.append(row)
         _print_row(row)
-    return dict(benchmark="throughput", model=args.model, dtype=args.dtype, dataset=args.dataset, input_len=args.input_len,
-                output_len=args.output_len, range_ratio=args.range_ratio, threads=torch.get_num_threads(),
-                results=results)
+    return dict(benchmark="throughput", model=args.model, dtype=args.dtype, dataset=args.dataset,
+                input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
+                threads=torch.get_num_threads(), results=results)
 
 
 def _transformers_row(args, work: Workload, concurrency: int, device: torch.device) -> dict:

@@ -108,7 +108,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def print_table(summary: dict) -> None:
     print(f"requests {summary['num_requests']} (failed {summary['num_failed']}) in {summary['duration_s']:.1f} s")
-    print(f"throughput: {summary['request_throughput']:.2f} req/s, {summary['output_token_throughput']:.1f} output tok/s")
+    print(f"throughput: {summary['request_throughput']:.2f} req/s, "
+          f"{summary['output_token_throughput']:.1f} output tok/s")
     print(f"{'metric':<14}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}  (ms)")
     for key in ("ttft_s", "itl_s", "e2e_latency_s"):
         row = summary[key]

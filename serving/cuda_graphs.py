@@ -31,7 +31,10 @@ class DecodeGraphs:
         self.batch_sizes = sorted(set(batch_sizes))
         self.max_model_len = max_model_len
         largest, width = self.batch_sizes[-1], -(-max_model_len // cache.block_size)
-        new = lambda *shape, dtype=torch.int64, fill=0: torch.full(shape, fill, dtype=dtype, device=device)  # noqa: E731
+
+        def new(*shape, dtype=torch.int64, fill=0):
+            return torch.full(shape, fill, dtype=dtype, device=device)
+
         self.input_ids, self.positions = new(largest), new(largest)
         self.slots = new(largest, fill=-1)
         self.tables = new(largest, width, dtype=torch.int32)
@@ -41,8 +44,8 @@ class DecodeGraphs:
         self.replays = 0  # steps served by a graph (for tests and benchmarks)
         self.pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         # NOTE: largest first, sharing one memory pool, so smaller graphs reuse the larger ones' memory.
-        self.graphs = {size: self._capture(size) for size in tqdm(self.batch_sizes[::-1], desc="capturing CUDA graphs",
-                                                                  disable=not show_progress, leave=False)}
+        sizes = tqdm(self.batch_sizes[::-1], desc="capturing CUDA graphs", disable=not show_progress, leave=False)
+        self.graphs = {size: self._capture(size) for size in sizes}
 
     def fits(self, num_seqs: int, table_len: int) -> bool:
         return num_seqs <= self.batch_sizes[-1] and table_len <= self.tables.shape[1]

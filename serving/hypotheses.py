@@ -17,7 +17,8 @@ def free(hyp: Hypothesis, kv: dict[str, KVManager]) -> None:
         kv[seq.model].free(seq)
 
 
-def extend(request: Request, choices: list[TokenChoice], kv: dict[str, KVManager]) -> list[tuple[Hypothesis, TokenChoice]]:
+def extend(request: Request, choices: list[TokenChoice],
+           kv: dict[str, KVManager]) -> list[tuple[Hypothesis, TokenChoice]]:
     """Pair each choice with its hypothesis (forking repeated parents); prune the rest."""
     parents, taken, pairs = request.hypotheses, set(), []
     for choice in choices:

@@ -36,9 +36,9 @@ class ModelRunner:
         flat_rows = torch.tensor([row for rows in logit_rows for row in rows], dtype=torch.long, device=self.device)
         logits = self.model.compute_logits(hidden[flat_rows])
         per_seq, start = [None] * len(scheduled), 0
-        for i, r in zip(order, logit_rows):
-            per_seq[i] = logits[start : start + len(r)]
-            start += len(r)
+        for i, rows in zip(order, logit_rows):
+            per_seq[i] = logits[start : start + len(rows)]
+            start += len(rows)
         return per_seq
 
     def _forward(self, batch: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int]):

@@ -79,8 +79,8 @@ def record_prompt_logprobs(request: Request, logits: dict[int, torch.Tensor], to
     if not len(rows):
         return
     logq = torch.log_softmax(rows.float(), dim=-1)
-    targets = torch.tensor(request.prompt_token_ids[len(request.prompt_logprobs) : len(request.prompt_logprobs) + len(rows)],
-                           device=logq.device)
+    done = len(request.prompt_logprobs)
+    targets = torch.tensor(request.prompt_token_ids[done : done + len(rows)], device=logq.device)
     chosen = logq.gather(1, targets[:, None]).squeeze(1)
     ranks = (logq > chosen[:, None]).sum(-1) + 1
     k = request.params.prompt_logprobs

@@ -1,8 +1,8 @@
 """Request, Hypothesis and Sequence: the engine's object model (DESIGN.md, "Core objects").
 
 A request holds hypotheses; a hypothesis holds one sequence per stream (`main`, plus `amateur`
-for contrastive decoding and `no_context` for context contrast). The scheduler and the runner see only sequences; the gang rule
-makes all sequences of a request move together.
+for contrastive decoding and `no_context` for context contrast). The scheduler and the runner
+see only sequences; the gang rule makes all sequences of a request move together.
 """
 
 import enum

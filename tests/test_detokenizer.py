@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.detokenizer import IncrementalDetokenizer, find_stop
 
-TEXTS = ["Héllo wörld, naïve café — ünïcödé 日本語 テキスト 🙂 emoji.", "def add(a, b):\n    return a + b\n", "   spaced   out  "]
+TEXTS = ["Héllo wörld, naïve café — ünïcödé 日本語 テキスト 🙂 emoji.", "def add(a, b):\n    return a + b\n",
+         "   spaced   out  "]
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -168,7 +168,8 @@ def test_queue_limit_answers_429(llama_dir):
 
     async def one(client):
         try:
-            await client.completions.create(model=MODEL, prompt=[5] * 20, max_tokens=30, extra_body={"ignore_eos": True})
+            await client.completions.create(model=MODEL, prompt=[5] * 20, max_tokens=30,
+                                            extra_body={"ignore_eos": True})
             return 200
         except openai.RateLimitError:
             return 429

@@ -32,13 +32,14 @@ def test_passthrough_stacks_the_requested_layers(model_factory, tmp_path):
         assert layer_names(merged, out_layer) == layer_names(src, src_layer)
         for suffix in layer_names(src, src_layer):
             assert torch.equal(merged[f"model.layers.{out_layer}.{suffix}"], src[f"model.layers.{src_layer}.{suffix}"])
-    assert {n for n in merged if not n.startswith("model.layers.")} == {n for n in src if not n.startswith("model.layers.")}
+    outside_layers = lambda names: {n for n in names if not n.startswith("model.layers.")}  # noqa: E731
+    assert outside_layers(merged) == outside_layers(src)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert hf.config.num_hidden_layers == 4
     prompt = [5, 17, 33]
     ref = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None)[0, 3:].tolist()
-    got = LLM(str(out), show_progress=False).generate([prompt], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
-                                                      use_tqdm=False)[0].outputs[0].token_ids
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    got = LLM(str(out), show_progress=False).generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
     assert got == ref
 
 
@@ -50,4 +51,5 @@ def test_bad_merge_configs_are_rejected(model_factory):
     with pytest.raises(ValueError, match="merge_method must be one of"):
         MergeConfig.from_dict({"merge_method": "magic"})
     with pytest.raises(ValueError, match="layer_range"):
-        MergeConfig.from_dict({"merge_method": "passthrough", "slices": [{"sources": [{"model": "x", "layer_range": [3, 1]}]}]})
+        MergeConfig.from_dict({"merge_method": "passthrough",
+                               "slices": [{"sources": [{"model": "x", "layer_range": [3, 1]}]}]})

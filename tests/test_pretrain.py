@@ -47,7 +47,7 @@ def test_resume_continues_from_the_same_step(tmp_path):
     a = json.loads((tmp_path / "straight" / "counterpoint.json").read_text())["metrics"]
     b = json.loads((tmp_path / "resumed" / "counterpoint.json").read_text())["metrics"]
     assert b["steps"] == 40 and abs(a["val_loss"] - b["val_loss"]) < 1e-4
-    wa, wb = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
+    wa, wb = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
     for name in wa:
         torch.testing.assert_close(wa[name], wb[name], atol=1e-5, rtol=1e-4)
 

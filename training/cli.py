@@ -57,7 +57,8 @@ def _distill_parser(train) -> None:
     p.add_argument("--w-ce", type=float, default=0.5)
     p.add_argument("--w-kl", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--w-hidden", type=float, default=0.0, help="hidden-state MSE through a projection (dropped on save)")
+    p.add_argument("--w-hidden", type=float, default=0.0,
+                   help="hidden-state MSE through a projection (dropped on save)")
     _add_loop_flags(p, steps=300)
 
 

@@ -36,10 +36,12 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], bos_token=SPECIAL[0], pad_token=SPECIAL[1])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=SPECIAL[0], bos_token=SPECIAL[0],
+                                   pad_token=SPECIAL[1])
 
 
-def pack(texts: list[str], tokenizer, seq_len: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(texts: list[str], tokenizer, seq_len: int, val_fraction: float,
+         seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Documents joined by EOS and cut into (N, seq_len + 1) rows; documents split train/validation."""
     docs = list(texts)
     random.Random(seed).shuffle(docs)

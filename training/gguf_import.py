@@ -63,7 +63,8 @@ def read_tensors(reader: GGUFReader, config, dtype: torch.dtype, show_progress: 
         if permute and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
             weight = unpermute_rotary(weight, heads)
-        tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.array(weight)).to(dtype)  # copy: the reader's buffer is read-only
+        # copy: the reader's buffer is read-only
+        tensors[hf_tensor_name(t.name)] = torch.from_numpy(np.array(weight)).to(dtype)
     return tensors
 
 
@@ -76,7 +77,8 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "bfloat16",
     reader = GGUFReader(gguf_file)
     arch = reader.fields["general.architecture"].contents()
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     config.dtype = dtype
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]

@@ -249,7 +249,8 @@ class LlamaForCausalLM(nn.Module):
     def _copy_shard(self, param: nn.Parameter, tensor: torch.Tensor, target: str, shard: int | None) -> None:
         if shard is None:
             if param.shape != tensor.shape:
-                raise ValueError(f"{target}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(param.shape)}")
+                raise ValueError(f"{target}: checkpoint shape {tuple(tensor.shape)} != model shape "
+                                 f"{tuple(param.shape)}")
             param.data.copy_(tensor)
             return
         sizes = self._shard_sizes(target)
