@@ -163,21 +163,23 @@ def test_engine_on_the_triton_backend_matches_transformers(llama_dir):
 
 def test_decode_graph_buffers_pad_batches_without_touching_the_cache(llama_dir):
     """The decode-graph path (static buffers, batches padded to a bucket, padding rows with slot −1)
-    equals transformers while the batch shrinks 3 -> 2 -> 1 (buckets 4, 2, 1). Without CUDA the
-    buffers are replayed eagerly; the capture itself is checked by the GPU test below."""
+    equals transformers while the batch shrinks 5 -> 4 -> 3 -> 2 -> 1: five sequences exceed the
+    largest bucket and run eagerly, three are padded to four. Without CUDA the buffers are
+    replayed eagerly; the capture itself is checked by the GPU test below."""
     from counterpoint.decoding import SamplingParams
     from counterpoint.serving import LLM
     from test_greedy_vs_transformers import hf_greedy
 
-    prompts = [[5, 17, 33, 100, 7, 9, 11], list(range(40, 61)), [3, 4]]
-    lengths = [7, 5, 3]
+    prompts = [[5, 17, 33, 100, 7, 9, 11], list(range(40, 61)), [3, 4], [8] * 12, [60, 50, 40]]
+    lengths = [9, 7, 5, 3, 2]
     llm = LLM(str(llama_dir), attention_backend="triton", device=DEVICE, dtype="float32", block_size=8,
-              max_num_seqs=4, show_progress=False)
+              max_num_seqs=8, show_progress=False)
     slot = llm.engine.main
     slot.runner.capture_decode_graphs([1, 2, 4], slot.max_model_len, show_progress=False)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert slot.runner.graphs.replays == max(lengths) - 1  # every step after the prefill
+    # Tokens 3..9 come from steps of at most four sequences; token 2's step (five) runs eagerly.
+    assert slot.runner.graphs.replays == max(lengths) - 2
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(llama_dir, p, n) for p, n in zip(prompts, lengths)]
 
 
