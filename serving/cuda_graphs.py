@@ -4,7 +4,9 @@ A decode step of a small batch launches hundreds of short kernels; replaying a c
 launches them all at once, so the step is no longer bound by Python and launch overhead. A batch
 of decodes is padded up to the next bucket: padding rows write no KV (slot −1), attend to one
 token of block 0, and their outputs are ignored. The split-K grid is sized for the longest
-context the model allows, so one graph serves every context length.
+context a graph takes (`max_context`), so one graph serves every context up to it; longer
+contexts run eagerly, since a grid sized for 128k tokens would launch mostly empty programs
+at every step (vLLM caps its graphs the same way, at 8192 tokens by default).
 
 On a device without CUDA (the tests) the same static buffers are replayed eagerly, which checks
 the padding and buffer plumbing everywhere but the capture itself.
@@ -26,11 +28,11 @@ def default_batch_sizes(max_num_seqs: int, largest: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, cache: KVCache, backend, batch_sizes: list[int],
-                 max_model_len: int, device: torch.device, show_progress: bool = True):
+                 max_context: int, device: torch.device, show_progress: bool = True):
         self.model, self.cache, self.backend, self.device = model, cache, backend, device
         self.batch_sizes = sorted(set(batch_sizes))
-        self.max_model_len = max_model_len
-        largest, width = self.batch_sizes[-1], -(-max_model_len // cache.block_size)
+        self.max_context = max_context
+        largest, width = self.batch_sizes[-1], -(-max_context // cache.block_size)
 
         def new(*shape, dtype=torch.int64, fill=0):
             return torch.full(shape, fill, dtype=dtype, device=device)
@@ -47,8 +49,9 @@ class DecodeGraphs:
         sizes = tqdm(self.batch_sizes[::-1], desc="capturing CUDA graphs", disable=not show_progress, leave=False)
         self.graphs = {size: self._capture(size) for size in sizes}
 
-    def fits(self, num_seqs: int, table_len: int) -> bool:
-        return num_seqs <= self.batch_sizes[-1] and table_len <= self.tables.shape[1]
+    def fits(self, num_seqs: int, longest_context: int, longest_table: int) -> bool:
+        return (num_seqs <= self.batch_sizes[-1] and longest_context <= self.max_context
+                and longest_table <= self.tables.shape[1])
 
     def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
             context_lens: list[int]) -> torch.Tensor:
@@ -69,7 +72,7 @@ class DecodeGraphs:
     def _capture(self, size: int):
         def step():
             self.backend.prepare_decode(self.cache, self.slots[:size], self.tables[:size], self.context_lens[:size],
-                                        self.max_model_len)
+                                        self.max_context)
             self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.backend)
 
         if self.device.type != "cuda":

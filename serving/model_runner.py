@@ -17,11 +17,12 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
 
     @torch.inference_mode()
-    def capture_decode_graphs(self, batch_sizes: list[int], max_model_len: int, show_progress: bool = True) -> None:
-        """From now on, steps of decodes alone replay a graph (needs the Triton backend)."""
+    def capture_decode_graphs(self, batch_sizes: list[int], max_context: int, show_progress: bool = True) -> None:
+        """From now on, steps of decodes alone, all contexts within max_context, replay a graph
+        (needs the Triton backend)."""
         if not hasattr(self.backend, "prepare_decode"):
             raise ValueError("CUDA graphs need the triton attention backend")
-        self.graphs = DecodeGraphs(self.model, self.cache, self.backend, batch_sizes, max_model_len, self.device,
+        self.graphs = DecodeGraphs(self.model, self.cache, self.backend, batch_sizes, max_context, self.device,
                                    show_progress)
 
     @torch.inference_mode()
@@ -42,11 +43,11 @@ class ModelRunner:
         return per_seq
 
     def _forward(self, batch: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int]):
-        tables = [item.seq.block_table for item in batch]
-        all_decodes = all(item.num_new_tokens == 1 for item in batch)
-        if self.graphs is not None and all_decodes and self.graphs.fits(len(batch), max(map(len, tables))):
+        if self.graphs is not None and all(item.num_new_tokens == 1 for item in batch):
+            tables = [item.seq.block_table for item in batch]
             context_lens = [item.seq.num_computed_tokens + 1 for item in batch]
-            return self.graphs.run(ids, positions, slots, tables, context_lens)
+            if self.graphs.fits(len(batch), max(context_lens), max(map(len, tables))):
+                return self.graphs.run(ids, positions, slots, tables, context_lens)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         slot_mapping = as_tensor(slots)
         self.backend.prepare(self._metadata(batch, slot_mapping), self.cache)

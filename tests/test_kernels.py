@@ -164,8 +164,9 @@ def test_engine_on_the_triton_backend_matches_transformers(llama_dir):
 def test_decode_graph_buffers_pad_batches_without_touching_the_cache(llama_dir):
     """The decode-graph path (static buffers, batches padded to a bucket, padding rows with slot −1)
     equals transformers while the batch shrinks 5 -> 4 -> 3 -> 2 -> 1: five sequences exceed the
-    largest bucket and run eagerly, three are padded to four. Without CUDA the buffers are
-    replayed eagerly; the capture itself is checked by the GPU test below."""
+    largest bucket and run eagerly, three are padded to four, and steps with a context over the
+    graphs' 24 tokens run eagerly too. Without CUDA the buffers are replayed eagerly; the capture
+    itself is checked by the GPU test below."""
     from counterpoint.decoding import SamplingParams
     from counterpoint.serving import LLM
     from test_greedy_vs_transformers import hf_greedy
@@ -175,11 +176,16 @@ def test_decode_graph_buffers_pad_batches_without_touching_the_cache(llama_dir):
     llm = LLM(str(llama_dir), attention_backend="triton", device=DEVICE, dtype="float32", block_size=8,
               max_num_seqs=8, show_progress=False)
     slot = llm.engine.main
-    slot.runner.capture_decode_graphs([1, 2, 4], slot.max_model_len, show_progress=False)
+    buckets, max_context = [1, 2, 4], 24
+    slot.runner.capture_decode_graphs(buckets, max_context, show_progress=False)
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    # Tokens 3..9 come from steps of at most four sequences; token 2's step (five) runs eagerly.
-    assert slot.runner.graphs.replays == max(lengths) - 2
+    # The step that makes token t feeds token t - 1 at position len(prompt) + t - 2.
+    alive = [[i for i, n in enumerate(lengths) if n >= t] for t in range(2, max(lengths) + 1)]
+    fit = [len(a) <= buckets[-1] and max(len(prompts[i]) + t - 1 for i in a) <= max_context
+           for t, a in enumerate(alive, start=2)]
+    assert 0 < sum(fit) < len(fit)
+    assert slot.runner.graphs.replays == sum(fit)
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(llama_dir, p, n) for p, n in zip(prompts, lengths)]
 
 
