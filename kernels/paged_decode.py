@@ -1,9 +1,12 @@
 """Paged attention for decode: one query token per sequence against its block table.
 
-Flash-decoding split-K (Dao et al. 2023): each program takes one (sequence, KV head, partition of
+Flash-decoding split-K (Dao et al. 2023): each program takes one (sequence, KV head, split of
 the context) with all the query heads that share the KV head (GQA), keeps an online softmax, and
-writes an unnormalised partial result; a second kernel merges the partitions. So one long
-sequence still spreads over many programs.
+writes an unnormalised partial result; a second kernel merges the splits. The number of splits
+is chosen on the host to fill the GPU (a few programs per SM), and each sequence cuts its own
+context into that many equal runs of whole tiles. So one long sequence still spreads over many
+programs, and the grid depends on the batch alone, never on the context length: one CUDA graph
+serves every context.
 """
 
 import torch
@@ -14,21 +17,24 @@ from counterpoint.kernels.attention_tile import attend_tile
 from counterpoint.kernels.checks import check_same_device, check_tensor, dot_precision, next_power_of_2, require
 
 BLOCK_N = 16  # keys per inner tile: tl.dot needs at least 16
+MAX_SPLITS = 64
+PROGRAMS_PER_SM = 4  # NOTE: several programs in flight per SM keep enough loads outstanding to stream K and V
 
 
 @triton.jit
 def _partition_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr, scale, block_size,
-                      stride_qs, stride_qh, stride_c2, stride_ch, stride_cb, stride_co, stride_ts,
+                      num_splits, stride_qs, stride_qh, stride_c2, stride_ch, stride_cb, stride_co, stride_ts,
                       stride_as, stride_ah, stride_ap, stride_ms, stride_mh,
                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      PARTITION: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     length = tl.load(lens_ptr + seq)
     g, d = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + g
     g_ok, d_ok = g < GROUP, d < HEAD_DIM
-    start = part * PARTITION
-    end = tl.minimum(start + PARTITION, length)
+    per_split = tl.cdiv(tl.cdiv(length, BLOCK_N), num_splits) * BLOCK_N  # whole tiles of keys
+    start = part * per_split
+    end = tl.minimum(start + per_split, length)  # NOTE: start >= end for a split past the context: stays empty
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -48,13 +54,12 @@ def _partition_kernel(q_ptr, cache_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, 
 
 
 @triton.jit
-def _merge_kernel(acc_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, stride_as, stride_ah, stride_ap, stride_ms, stride_mh,
-                  stride_os, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PARTITION: tl.constexpr,
+def _merge_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits, stride_as, stride_ah, stride_ap, stride_ms,
+                  stride_mh, stride_os, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_P: tl.constexpr):
     seq, head = tl.program_id(0), tl.program_id(1)
-    num_parts = tl.cdiv(tl.load(lens_ptr + seq), PARTITION)
     p, d = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_D)
-    p_ok = p < num_parts
+    p_ok = p < num_splits  # an empty split has max −inf and sum 0: weight 0
     stats = seq * stride_ms + head * stride_mh + p
     m = tl.load(max_ptr + stats, mask=p_ok, other=float("-inf"))
     weight = tl.where(p_ok, tl.exp(m - tl.max(m, 0)), 0.0)  # (BLOCK_P,)
@@ -66,36 +71,46 @@ def _merge_kernel(acc_ptr, max_ptr, sum_ptr, lens_ptr, out_ptr, stride_as, strid
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float, max_context_len: int | None = None, partition_size: int = 512) -> torch.Tensor:
+                 scale: float, max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
     """q: (S, Hq, D); kv_cache: (2, Hkv, num_blocks, block_size, D); block_tables: (S, max_blocks);
-    context_lens: (S,) >= 1 -> (S, Hq, D). max_context_len (a host int) sizes the grid without a sync."""
-    _check(q, kv_cache, block_tables, context_lens, partition_size)
+    context_lens: (S,) >= 1 -> (S, Hq, D). max_context_len (a host int) bounds the splits without a
+    sync; num_splits (default: default_num_splits) sets the programs per (sequence, KV head)."""
+    _check(q, kv_cache, block_tables, context_lens, num_splits)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[1]
     out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    max_len = max_context_len if max_context_len is not None else int(context_lens.max())
-    num_parts = triton.cdiv(max_len, partition_size)
-    acc = torch.empty(num_seqs, num_heads, num_parts, head_dim, dtype=torch.float32, device=q.device)
-    stats = torch.empty(2, num_seqs, num_heads, num_parts, dtype=torch.float32, device=q.device)
+    if num_splits is None:
+        max_len = max_context_len if max_context_len is not None else int(context_lens.max())
+        num_splits = default_num_splits(num_seqs, num_kv_heads, max_len, q.device)
+    acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     group, block_d = num_heads // num_kv_heads, next_power_of_2(head_dim)
-    _partition_kernel[(num_seqs, num_kv_heads, num_parts)](
-        q, kv_cache, block_tables, context_lens, acc, stats[0], stats[1], scale, kv_cache.shape[3],
+    _partition_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q, kv_cache, block_tables, context_lens, acc, stats[0], stats[1], scale, kv_cache.shape[3], num_splits,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), acc.stride(0), acc.stride(1), acc.stride(2), stats.stride(1), stats.stride(2),
         GROUP=group, BLOCK_G=max(16, next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PARTITION=partition_size, BLOCK_N=BLOCK_N, PRECISION=dot_precision(q.dtype),
+        BLOCK_N=BLOCK_N, PRECISION=dot_precision(q.dtype),
     )
     _merge_kernel[(num_seqs, num_heads)](
-        acc, stats[0], stats[1], context_lens, out, acc.stride(0), acc.stride(1), acc.stride(2),
+        acc, stats[0], stats[1], out, num_splits, acc.stride(0), acc.stride(1), acc.stride(2),
         stats.stride(1), stats.stride(2), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, PARTITION=partition_size, BLOCK_P=max(2, next_power_of_2(num_parts)),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_P=max(2, next_power_of_2(num_splits)),
     )
     return out
 
 
-def _check(q, kv_cache, block_tables, context_lens, partition_size) -> None:
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Splits per (sequence, KV head) for about PROGRAMS_PER_SM programs on every SM, no more
+    than the longest context has tiles, and at most MAX_SPLITS."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    wanted = -(-PROGRAMS_PER_SM * sms // (num_seqs * num_kv_heads))
+    return max(1, min(wanted, -(-max_context_len // BLOCK_N), MAX_SPLITS))
+
+
+def _check(q, kv_cache, block_tables, context_lens, num_splits) -> None:
     check_tensor(q, "q", 3)
     check_tensor(kv_cache, "kv_cache", 5)
     check_tensor(block_tables, "block_tables", 2, dtypes=(torch.int32, torch.int64))
@@ -109,4 +124,5 @@ def _check(q, kv_cache, block_tables, context_lens, partition_size) -> None:
     require(block_tables.shape[0] == num_seqs and context_lens.shape == (num_seqs,),
             f"block_tables and context_lens must have {num_seqs} rows; got {tuple(block_tables.shape)} and "
             f"{tuple(context_lens.shape)}")
-    require(partition_size % BLOCK_N == 0, f"partition_size must be a multiple of {BLOCK_N}; got {partition_size}")
+    require(num_splits is None or 1 <= num_splits <= MAX_SPLITS,
+            f"num_splits must be in [1, {MAX_SPLITS}]; got {num_splits}")

@@ -23,7 +23,6 @@ class EngineConfig:
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
     cuda_graph_max_batch_size: int = 256  # larger decode batches run eagerly
-    max_seq_len_to_capture: int = 8192  # decode steps with a longer context run eagerly
     seed: int = 0
     show_progress: bool = True
 
@@ -39,7 +38,6 @@ class EngineConfig:
             ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
             ("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size > 0, "a positive integer"),
-            ("max_seq_len_to_capture", self.max_seq_len_to_capture > 0, "a positive integer"),
             ("attention_backend", self.attention_backend in ("auto", "torch", "triton"), "auto, torch or triton"),
         ]
         for name, ok, expected in checks:

@@ -3,10 +3,8 @@
 A decode step of a small batch launches hundreds of short kernels; replaying a captured graph
 launches them all at once, so the step is no longer bound by Python and launch overhead. A batch
 of decodes is padded up to the next bucket: padding rows write no KV (slot −1), attend to one
-token of block 0, and their outputs are ignored. The split-K grid is sized for the longest
-context a graph takes (`max_context`), so one graph serves every context up to it; longer
-contexts run eagerly, since a grid sized for 128k tokens would launch mostly empty programs
-at every step (vLLM caps its graphs the same way, at 8192 tokens by default).
+token of block 0, and their outputs are ignored. The decode kernel's grid depends on the batch
+alone (each sequence splits its own context), so one graph serves every context length.
 
 On a device without CUDA (the tests) the same static buffers are replayed eagerly, which checks
 the padding and buffer plumbing everywhere but the capture itself.

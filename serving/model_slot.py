@@ -62,7 +62,7 @@ def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineCo
     if config.uses_cuda_graphs:
         sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)
         try:
-            runner.capture_decode_graphs(sizes, min(max_model_len, config.max_seq_len_to_capture), config.show_progress)
+            runner.capture_decode_graphs(sizes, max_model_len, config.show_progress)
         except RuntimeError as err:
             raise RuntimeError(f"capturing CUDA graphs for {name} failed ({err}); enforce_eager=True "
                                "(--enforce-eager) serves without them") from err

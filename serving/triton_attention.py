@@ -31,7 +31,7 @@ class TritonAttention(AttentionBackend):
     def prepare_decode(self, cache: KVCache, slot_mapping: torch.Tensor, tables: torch.Tensor,
                        context_lens: torch.Tensor, max_decode_len: int) -> None:
         """A step of decodes alone over tensors the caller owns: the CUDA graphs' static buffers.
-        `max_decode_len` (a host int) sizes the split-K grid, so it must bound every context."""
+        `max_decode_len` (a host int) caps the split-K splits at the tiles of the longest context."""
         self.cache, self.slot_mapping, self.tables, self.context_lens = cache, slot_mapping, tables, context_lens
         self.max_decode_len = max_decode_len
         self.num_decodes = tables.shape[0]
