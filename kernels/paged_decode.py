@@ -9,6 +9,8 @@ programs, and the grid depends on the batch alone, never on the context length: 
 serves every context.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -105,9 +107,14 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
 def default_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
     """Splits per (sequence, KV head) for about PROGRAMS_PER_SM programs on every SM, no more
     than the longest context has tiles, and at most MAX_SPLITS."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    wanted = -(-PROGRAMS_PER_SM * sms // (num_seqs * num_kv_heads))
+    wanted = -(-PROGRAMS_PER_SM * _num_sms(device) // (num_seqs * num_kv_heads))
     return max(1, min(wanted, -(-max_context_len // BLOCK_N), MAX_SPLITS))
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors (1 off CUDA: the interpreter gains nothing from splits)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def _check(q, kv_cache, block_tables, context_lens, num_splits) -> None:
