@@ -1,7 +1,8 @@
 """`bench kernels`: the GPU path against its bounds.
 
-1. Decode attention bandwidth: bytes of K and V read per second by the paged decode kernel, and
-   that as a fraction of the memory peak (`--peak-gbs`).
+1. Decode attention bandwidth: bytes of K and V read per second by the Triton backend's decode
+   attention (paged decode kernel and KV store), as a fraction of the memory peak
+   (`--peak-gbs`), next to the torch path (`--attention-backend torch`) on the same cache.
 2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default) at several batch
    sizes: the engine on the Triton backend with CUDA graphs and without (--enforce-eager),
    transformers' generate on the same device, and the bound of reading every weight once per
@@ -16,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
+from counterpoint.serving.attention import AttentionMetadata, KVCache, create_backend
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -36,23 +38,40 @@ def _timed(fn, device: torch.device, iters: int) -> float:
 
 
 def attention_bandwidth(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
-    from counterpoint.kernels.paged_decode import paged_decode
-
+    """Each backend's decode attention (KV store of the new token + attention over the context),
+    through the interface the model calls: the Triton kernels against the torch path."""
     rows = []
     for batch, context in tqdm(args.attention_shapes, desc="decode attention"):
-        block_size, kv_heads, heads, head_dim = 16, args.kv_heads, args.heads, args.head_dim
-        blocks_per_seq = -(-context // block_size)
-        cache = torch.randn(2, kv_heads, batch * blocks_per_seq, block_size, head_dim, device=device, dtype=dtype)
-        tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq).to(torch.int32)
-        lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-        q = torch.randn(batch, heads, head_dim, device=device, dtype=dtype)
-        seconds = _timed(lambda: paged_decode(q, cache, tables, lens, head_dim**-0.5, context), device, args.iters)
-        kv_bytes = 2 * batch * context * kv_heads * head_dim * cache.element_size()
-        gbs = kv_bytes / seconds / 1e9
-        rows.append(dict(batch=batch, context=context, us=seconds * 1e6, kv_gb_s=gbs, of_peak=gbs / args.peak_gbs))
-        print(f"decode attention batch {batch:>3} context {context:>6}: {seconds * 1e6:8.1f} us, "
-              f"{gbs:7.1f} GB/s of K/V ({100 * gbs / args.peak_gbs:.0f}% of {args.peak_gbs:.0f} GB/s)", flush=True)
+        cache, meta, (q, k, v) = _decode_step(batch, context, args.kv_heads, args.heads, args.head_dim, dtype, device)
+        kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * cache.data.element_size()
+        row = dict(batch=batch, context=context)
+        for name in ("triton", "torch"):
+            backend = create_backend(name, scale=args.head_dim**-0.5)
+            backend.prepare(meta, cache)
+            seconds = _timed(lambda: backend.attend(0, q, k, v), device, args.iters)
+            row |= {f"{name}_us": seconds * 1e6, f"{name}_kv_gb_s": kv_bytes / seconds / 1e9}
+        row |= dict(of_peak=row["triton_kv_gb_s"] / args.peak_gbs, vs_torch=row["torch_us"] / row["triton_us"])
+        rows.append(row)
+        print(f"decode attention batch {batch:>3} context {context:>6}: triton {row['triton_us']:8.1f} us, "
+              f"{row['triton_kv_gb_s']:7.1f} GB/s of K/V ({100 * row['of_peak']:.0f}% of {args.peak_gbs:.0f} GB/s) | "
+              f"torch path {row['torch_us']:8.1f} us ({row['vs_torch']:.1f}x)", flush=True)
     return rows
+
+
+def _decode_step(batch: int, context: int, kv_heads: int, heads: int, head_dim: int, dtype, device):
+    """A random one-layer cache whose sequences' blocks are shuffled over the pool, and one decode
+    step's metadata and (q, k, v) for the token at position context - 1 of each sequence."""
+    block_size = 16
+    blocks_per_seq = -(-context // block_size)
+    cache = KVCache(1, batch * blocks_per_seq, block_size, kv_heads, head_dim, dtype, device)
+    cache.data.normal_()
+    tables = torch.randperm(batch * blocks_per_seq, device=device).view(batch, blocks_per_seq)
+    last = context - 1
+    slots = tables[:, last // block_size] * block_size + last % block_size
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, query_lens=[1] * batch,
+                             context_lens=[context] * batch, num_decodes=batch, block_size=block_size)
+    new = lambda h: torch.randn(batch, h, head_dim, device=device, dtype=dtype)  # noqa: E731
+    return cache, meta, (new(heads), new(kv_heads), new(kv_heads))
 
 
 def _random_checkpoint(shape: dict, dtype: torch.dtype, out: str):
