@@ -57,3 +57,18 @@ def test_max_num_seqs_counts_each_models_batch(llama_dir, amateur_dir):
     with pytest.raises(ValueError, match="best_of must be <= max_num_seqs") as err:
         llm.generate([[5, 17]], SamplingParams(use_beam_search=True, n=1, best_of=2), use_tqdm=False)
     assert err.value.param == "best_of"
+
+
+def test_mixed_batch_on_the_triton_kernels_and_decode_graphs(llama_dir, amateur_dir, alone):
+    """The same batch through the Triton kernels and both models' decode-graph buffers (replayed
+    eagerly off CUDA): beam forks copy their blocks before the replay, amateur streams replay
+    their own model's graphs, and every request still gets the torch path's solo output."""
+    llm = LLM(str(llama_dir), amateur=str(amateur_dir), attention_backend="triton", dtype="float32",
+              max_num_seqs=16, show_progress=False)
+    slots = list(llm.engine.slots.values())
+    for slot in slots:
+        slot.runner.capture_decode_graphs([1, 2, 4, 8, 16], slot.max_model_len, show_progress=False)
+    outs = llm.generate([p for p, _ in WORKLOAD], [params for _, params in WORKLOAD], use_tqdm=False)
+    assert [tokens(o) for o in outs] == alone
+    assert all(slot.runner.graphs.replays > 0 for slot in slots)
+    assert all(slot.kv.pool.num_free_blocks == slot.kv.pool.num_blocks for slot in slots)
