@@ -10,6 +10,8 @@ On a device without CUDA (the tests) the same static buffers are replayed eagerl
 the padding and buffer plumbing everywhere but the capture itself.
 """
 
+import functools
+
 import torch
 from tqdm import tqdm
 
@@ -68,16 +70,27 @@ class DecodeGraphs:
         return self.hidden[:n]
 
     def _capture(self, size: int):
-        def step():
-            self.backend.prepare_decode(self.cache, self.slots[:size], self.tables[:size], self.context_lens[:size],
-                                        self.max_context)
-            self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.backend)
-
+        step = functools.partial(self._step, size)
         if self.device.type != "cuda":
             return step
-        step()  # NOTE: warm-up: Triton compiles and cuBLAS picks its kernels before the capture records them
-        torch.cuda.synchronize(self.device)
+        self._warm_up(step)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             step()
         return graph.replay
+
+    def _step(self, size: int) -> None:
+        """The model over the first `size` rows of the static buffers, into self.hidden."""
+        self.backend.prepare_decode(self.cache, self.slots[:size], self.tables[:size], self.context_lens[:size],
+                                    self.max_context)
+        self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.backend)
+
+    def _warm_up(self, step) -> None:
+        """One run on a side stream, as torch's docs advise: Triton compiles and cuBLAS sets up
+        its workspace there, outside the capture, which could not record them."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
