@@ -73,10 +73,11 @@ class BeamSearch:
         vocab = scores.shape[1]
         top_scores, top_idx = scores.flatten().topk(min(2 * self.width, scores.numel()))
         parents, tokens = top_idx // vocab, top_idx % vocab
-        step_logq = logq[parents, tokens].tolist()
-        top_scores = top_scores.cpu()
-        return top_scores, [Candidate(p, t, lq, s) for p, t, lq, s in
-                            zip(parents.tolist(), tokens.tolist(), step_logq, top_scores.tolist())]
+        # NOTE: one transfer to the host (one device sync); float64 holds every field exactly.
+        fields = [parents, tokens, logq[parents, tokens], top_scores]
+        host = torch.stack([f.double() for f in fields]).cpu()
+        top_scores = host[3].float()
+        return top_scores, [Candidate(int(p), int(t), lq, s) for p, t, lq, s in zip(*host.tolist())]
 
     def _next_running(self, top_scores, candidates, hits) -> list[Candidate]:
         # NOTE: a candidate that stops cannot run on, unless fewer than `width` others exist;

@@ -17,7 +17,7 @@ class TokenChoice:
     raw_logprob: float | None = None  # log_softmax of the main stream, for return_decoding_info
 
 
-def sample_rows(probs: torch.Tensor, is_greedy: torch.Tensor, generators: list) -> torch.Tensor:
+def sample_rows(probs: torch.Tensor, is_greedy: list[bool], generators: list) -> torch.Tensor:
     """(R, V) probabilities -> (R,) token ids. Rows sharing a generator are drawn in row order.
 
     NOTE: a seeded request owns its generator, so its draws do not depend on the rest of the batch.
@@ -36,13 +36,17 @@ def sample_rows(probs: torch.Tensor, is_greedy: torch.Tensor, generators: list) 
 
 
 def describe(logq: torch.Tensor, tokens: torch.Tensor, num_top: list[int]) -> list[tuple[float, int, list]]:
-    """Per row: (log q of the token, its rank, the num_top[i] best alternatives)."""
+    """Per row: (log q of the token, its rank, the num_top[i] best alternatives).
+
+    NOTE: each tensor crosses to the host once for the whole batch; a per-row .item() would be a
+    device sync per row on a GPU.
+    """
     chosen = logq.gather(1, tokens[:, None]).squeeze(1)
     ranks = (logq > chosen[:, None]).sum(dim=-1) + 1
     k = max(num_top, default=0)
-    top_vals, top_ids = logq.topk(k, dim=-1) if k else (None, None)
-    result = []
-    for i in range(logq.shape[0]):
-        top = list(zip(top_ids[i, : num_top[i]].tolist(), top_vals[i, : num_top[i]].tolist())) if num_top[i] else []
-        result.append((chosen[i].item(), int(ranks[i]), top))
-    return result
+    top_ids, top_vals = [[]] * len(num_top), [[]] * len(num_top)
+    if k:
+        vals, ids = logq.topk(k, dim=-1)
+        top_ids, top_vals = ids.tolist(), vals.tolist()
+    return [(lp, rank, list(zip(top_ids[i][:n], top_vals[i][:n])))
+            for i, (lp, rank, n) in enumerate(zip(chosen.tolist(), ranks.tolist(), num_top))]

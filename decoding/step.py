@@ -108,12 +108,13 @@ def _select(combined: torch.Tensor, raw: torch.Tensor, rows: list[Row], generato
     logq = process(combined, rows)
     is_greedy = [r.params.is_greedy for r in rows]
     tokens = sample_rows(logq.exp(), is_greedy, generators)
-    return _choices(logq, raw, torch.arange(len(rows), device=logq.device), tokens, rows)
+    return _choices(logq, raw, list(range(len(rows))), tokens, rows)
 
 
-def _choices(logq, raw, row_idx: torch.Tensor, tokens: torch.Tensor, rows: list[Row]) -> list[TokenChoice]:
+def _choices(logq, raw, row_ids: list[int], tokens: torch.Tensor, rows: list[Row]) -> list[TokenChoice]:
     """TokenChoice per (row, token), with logprob, rank, top alternatives and raw main logprob."""
-    picked_rows = [rows[i] for i in row_idx.tolist()]
+    row_idx = torch.tensor(row_ids, device=logq.device)
+    picked_rows = [rows[i] for i in row_ids]
     info = describe(logq[row_idx], tokens, [r.params.logprobs or 0 for r in picked_rows])
     raw_lp = [None] * len(picked_rows)
     if any(r.params.return_decoding_info for r in picked_rows):
@@ -126,9 +127,8 @@ def _step_beam(combined: torch.Tensor, raw: torch.Tensor, group: DecodeGroup) ->
     logq = process(combined, group.rows)
 
     def choose(candidates: list[Candidate]) -> list[TokenChoice]:
-        idx = torch.tensor([c.parent for c in candidates], device=logq.device)
         tokens = torch.tensor([c.token_id for c in candidates], device=logq.device)
-        choices = _choices(logq, raw, idx, tokens, group.rows)
+        choices = _choices(logq, raw, [c.parent for c in candidates], tokens, group.rows)
         for choice, candidate in zip(choices, candidates):
             choice.parent = candidate.parent
         return choices

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from counterpoint.decoding.selection import TokenChoice
+from counterpoint.decoding.selection import TokenChoice, describe
 from counterpoint.serving.detokenizer import find_stop
 from counterpoint.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from counterpoint.serving.request import Hypothesis, Request
@@ -80,14 +80,10 @@ def record_prompt_logprobs(request: Request, logits: dict[int, torch.Tensor], to
         return
     logq = torch.log_softmax(rows.float(), dim=-1)
     done = len(request.prompt_logprobs)
-    targets = torch.tensor(request.prompt_token_ids[done : done + len(rows)], device=logq.device)
-    chosen = logq.gather(1, targets[:, None]).squeeze(1)
-    ranks = (logq > chosen[:, None]).sum(-1) + 1
-    k = request.params.prompt_logprobs
-    top_vals, top_ids = logq.topk(k, dim=-1) if k else (None, None)
-    for i, token in enumerate(targets.tolist()):
-        top = list(zip(top_ids[i].tolist(), top_vals[i].tolist())) if k else []
-        request.prompt_logprobs.append(_logprob_entry(token, chosen[i].item(), int(ranks[i]), top, tokenizer))
+    targets = request.prompt_token_ids[done : done + len(rows)]
+    info = describe(logq, torch.tensor(targets, device=logq.device), [request.params.prompt_logprobs] * len(targets))
+    for token, (logprob, rank, top) in zip(targets, info):
+        request.prompt_logprobs.append(_logprob_entry(token, logprob, rank, top, tokenizer))
 
 
 def build_output(request: Request, tokenizer) -> RequestOutput:
