@@ -65,8 +65,8 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     top_p = [p.top_p for p in params]
     if min(top_k) < logits.shape[1] or min(top_p) < 1:
         logits = _top_k_top_p(logits, torch.tensor(top_k, device=dev), torch.tensor(top_p, device=dev))
-    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
-    if (min_p > 0).any():
+    if any(p.min_p > 0 for p in params):  # NOTE: decided on the host: no device sync
+        min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
         probs = torch.softmax(logits, dim=-1)
         cutoff = min_p * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < cutoff, -float("inf"))
