@@ -34,8 +34,10 @@ class ModelRunner:
         batch = [scheduled[i] for i in order]
         ids, positions, slots, logit_rows = self._flatten(batch)
         hidden = self._forward(batch, ids, positions, slots)  # (T, hidden)
-        flat_rows = torch.tensor([row for rows in logit_rows for row in rows], dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[flat_rows])
+        flat_rows = [row for rows in logit_rows for row in rows]
+        if flat_rows != list(range(hidden.shape[0])):  # NOTE: a step of decodes alone needs every row, in order
+            hidden = hidden[torch.tensor(flat_rows, dtype=torch.long, device=self.device)]
+        logits = self.model.compute_logits(hidden)
         per_seq, start = [None] * len(scheduled), 0
         for i, rows in zip(order, logit_rows):
             per_seq[i] = logits[start : start + len(rows)]
