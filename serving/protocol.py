@@ -6,7 +6,7 @@ Standard fields follow the OpenAI API; the extensions of API.md sit beside them 
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from counterpoint.decoding import SamplingParams
 
@@ -72,6 +72,7 @@ class CompletionRequest(_Common):
     best_of: int | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
+    suffix: str | None = None
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -84,6 +85,8 @@ class CompletionRequest(_Common):
         return list(p)
 
     def to_sampling_params(self) -> SamplingParams:
+        if self.suffix:
+            raise NotImplementedError("suffix is not supported (no fill-in-the-middle)")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be >= 1 unless echo is set")
         prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
@@ -97,6 +100,20 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict] | None = None
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, content):
+        """OpenAI's content parts: text parts are joined with newlines (as vLLM does); any other
+        kind (images, audio) is refused, since the served models read text alone."""
+        if not isinstance(content, list):
+            return content
+        for part in content:
+            if part.get("type") != "text":
+                raise ValueError(f"only text content parts are supported; got type {part.get('type')!r}")
+            if not isinstance(part.get("text"), str):
+                raise ValueError("a text content part needs a string 'text'")
+        return "\n".join(part["text"] for part in content)
+
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -104,12 +121,26 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
 
     def to_sampling_params(self) -> SamplingParams:
+        self._refuse_unsupported()
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+
+    def _refuse_unsupported(self) -> None:
+        """OpenAI features the server does not have get a 400 rather than being silently ignored."""
+        if self.response_format not in (None, {"type": "text"}):
+            raise NotImplementedError(f"response_format {self.response_format.get('type')!r} is not supported "
+                                      "(no structured output); only 'text'")
+        if self.tools:
+            raise NotImplementedError("tools are not supported (no tool calling)")
+        if self.tool_choice not in (None, "none"):
+            raise NotImplementedError("tool_choice is not supported (no tool calling); only 'none'")
 
     def message_dicts(self) -> list[dict]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

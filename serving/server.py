@@ -5,6 +5,7 @@ import contextlib
 import time
 import uuid
 
+import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -72,8 +73,8 @@ def build_app(engine: AsyncEngine, served: list[str], api_key: str | None = None
     async def tokenize(body: TokenizeRequest):
         tokenizer = check_model(body.model)
         if body.messages is not None:
-            ids = tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in body.messages],
-                                                tokenize=True, add_generation_prompt=True, return_dict=False)
+            messages = [m.model_dump(exclude_none=True) for m in body.messages]
+            ids = _chat_prompt(tokenizer, messages, tokenize=True, return_dict=False)
         elif body.prompt is not None:
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
@@ -104,8 +105,7 @@ def build_app(engine: AsyncEngine, served: list[str], api_key: str | None = None
     async def chat(body: ChatCompletionRequest, request: Request):
         tokenizer = check_model(body.model)
         params = _params(body)
-        prompt = _or_400(lambda: tokenizer.apply_chat_template(body.message_dicts(), tokenize=False,
-                                                               add_generation_prompt=True))
+        prompt = _chat_prompt(tokenizer, body.message_dicts(), tokenize=False)
         stream = await _started(engine.generate(prompt, params, "chat", body.model))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
@@ -125,11 +125,20 @@ def _or_400(fn):
         raise APIError(400, str(err)) from err
 
 
+def _chat_prompt(tokenizer, messages: list[dict], **kwargs):
+    """The model's chat template over the messages; a template that refuses them is a 400."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
+    except (ValueError, TypeError, jinja2.TemplateError) as err:
+        raise APIError(400, f"messages: the chat template refused them: {err}", param="messages") from err
+
+
 def _params(body):
     try:
         return body.to_sampling_params()
     except NotImplementedError as err:
-        raise APIError(400, str(err), code="not_supported") from err
+        message = str(err)
+        raise APIError(400, message, param=message.split(" ", 1)[0], code="not_supported") from err
     except ValueError as err:
         message = str(err)
         raise APIError(400, message, param=message.split(" ", 1)[0]) from err

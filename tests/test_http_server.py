@@ -163,6 +163,33 @@ def test_error_statuses(llama_dir):
         server.stop()
 
 
+def test_chat_content_parts_and_unsupported_openai_features(server, offline):
+    """Text content parts read as their texts joined by newlines (as in vLLM); images and the
+    OpenAI features this server lacks are 400s that name the field, never silently ignored."""
+    client = server.client()
+    parts = [{"type": "text", "text": "Paris is"}, {"type": "text", "text": "the capital of"}]
+    got = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=6,
+                                         temperature=0).choices[0].message.content
+    joined = [{"role": "user", "content": "Paris is\nthe capital of"}]
+    prompt = offline.get_tokenizer().apply_chat_template(joined, tokenize=False, add_generation_prompt=True)
+    ref = offline.generate(prompt, SamplingParams(max_tokens=6, temperature=0), use_tqdm=False)[0].outputs[0]
+    assert got == ref.text
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    refused = [
+        (dict(messages=[{"role": "user", "content": [image]}]), "messages.0.content", "only text content parts"),
+        (dict(response_format={"type": "json_object"}), "response_format", "no structured output"),
+        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools", "no tool calling"),
+        (dict(tool_choice="required"), "tool_choice", "no tool calling"),
+    ]
+    for kwargs, param, message in refused:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(**{"model": MODEL, "messages": joined, "max_tokens": 2, **kwargs})
+        assert err.value.body["param"] == param and message in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="def f(", suffix="return x", max_tokens=2)
+    assert err.value.body["param"] == "suffix" and err.value.body["code"] == "not_supported"
+
+
 def test_queue_limit_answers_429(llama_dir):
     server = Server(llama_dir, max_queue=1, max_num_seqs=1, max_num_batched_tokens=8)
 
