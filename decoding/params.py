@@ -13,6 +13,11 @@ def _check(ok: bool, name: str, expected: str, got) -> None:
         raise ValueError(f"{name} must be {expected}; got {got!r}")
 
 
+def _is_token_id(key) -> bool:
+    """An int, or its decimal string as JSON object keys carry it."""
+    return (isinstance(key, int) and key >= 0) or (isinstance(key, str) and key.isdigit())
+
+
 @dataclass(slots=True)
 class ContrastiveParams:
     """Contrastive decoding against an amateur model (Li et al. 2023); see DECODING.md."""
@@ -119,6 +124,9 @@ class SamplingParams:
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]", self.presence_penalty)
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]", self.frequency_penalty)
         if self.logit_bias:
+            keys = list(self.logit_bias)
+            _check(all(_is_token_id(k) for k in keys), "logit_bias", "keyed by token ids (integers >= 0)",
+                   next((k for k in keys if not _is_token_id(k)), None))
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             bad = [v for v in self.logit_bias.values() if not -100 <= v <= 100]
             _check(not bad, "logit_bias", "values in [-100, 100]", bad[:1])

@@ -29,6 +29,17 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
+def _check_token_ids(prompt: list[int], params: SamplingParams, vocab: int) -> None:
+    """Every token id a request names lies in the vocabulary. NOTE: an id past it would fail
+    inside the engine's step, for the whole batch."""
+    if min(prompt) < 0 or max(prompt) >= vocab:
+        raise InvalidRequest(f"prompt token ids must be in [0, {vocab}); got {min(prompt)}..{max(prompt)}", "prompt")
+    for field, ids in (("logit_bias", list(params.logit_bias or {})), ("stop_token_ids", params.stop_token_ids or [])):
+        outside = [t for t in ids if t >= vocab]
+        if outside:
+            raise InvalidRequest(f"{field} token ids must be < the vocabulary size {vocab}; got {outside[0]}", field)
+
+
 class Engine:
     def __init__(self, config: EngineConfig):
         torch.manual_seed(config.seed)
@@ -112,14 +123,12 @@ class Engine:
     def _validate(self, ids: list[int], params: SamplingParams, slots: list[ModelSlot]) -> int:
         """Checks the request fits every model it runs on; returns its effective max_tokens."""
         if not ids:
-            raise ValueError("prompt must not be empty")
+            raise InvalidRequest("prompt must not be empty", "prompt")
         if params.beam_width > self.config.max_num_seqs:
             field = "best_of" if params.best_of else "n"
             raise InvalidRequest(f"{field} must be <= max_num_seqs ({self.config.max_num_seqs}): the request's "
                                  f"{params.beam_width} hypotheses run in one batch; got {params.beam_width}", field)
-        vocab = min(slot.vocab_size for slot in slots)
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        _check_token_ids(ids, params, min(slot.vocab_size for slot in slots))
         max_model_len = min(slot.max_model_len for slot in slots)
         room = max_model_len - len(ids)
         if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):

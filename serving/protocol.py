@@ -36,6 +36,9 @@ class _Common(BaseModel):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
@@ -56,6 +59,8 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias, seed=self.seed,
             max_tokens=max_tokens, min_tokens=self.min_tokens, stop=self.stop, ignore_eos=self.ignore_eos,
+            stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs, use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
             early_stopping=self.early_stopping, contrastive=self.contrastive,
             context_contrast=self.context_contrast, return_decoding_info=self.return_decoding_info, **extra,

@@ -221,6 +221,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"),
+                                status_code=400)
         field = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
         return JSONResponse(error_body(f"{field}: {first.get('msg', 'invalid request')}", param=field),
                             status_code=400)

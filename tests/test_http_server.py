@@ -126,6 +126,13 @@ def test_n_logprobs_echo_and_stop(server, offline):
                                          stream=stream, extra_body={"ignore_eos": True})
         text = "".join(c.choices[0].text for c in resp if c.choices) if stream else resp.choices[0].text
         assert text == full[: full.index(stop)]
+    greedy = dict(max_tokens=16, temperature=0, ignore_eos=True)
+    ids = offline.generate("Paris is", SamplingParams(**greedy), use_tqdm=False)[0].outputs[0].token_ids
+    ref = offline.generate("Paris is", SamplingParams(**greedy, stop_token_ids=[ids[3]]), use_tqdm=False)[0].outputs[0]
+    assert len(ref.token_ids) == ids.index(ids[3]) + 1 and ref.finish_reason == "stop"
+    resp = client.completions.create(model=MODEL, prompt="Paris is", max_tokens=16, temperature=0,
+                                     extra_body={"ignore_eos": True, "stop_token_ids": [ids[3]]}).choices[0]
+    assert (resp.text, resp.finish_reason) == (ref.text, "stop")
 
 
 def test_error_statuses(llama_dir):
@@ -152,6 +159,19 @@ def test_error_statuses(llama_dir):
             client.completions.create(model=MODEL, prompt="hi", extra_body={"context_contrast": {"method": "acd"}})
         with pytest.raises(openai.BadRequestError, match="messages"):
             client.chat.completions.create(model=MODEL, messages=[])
+        # Token ids past the vocabulary used to fail inside the engine's step and take the server down.
+        vocab = server.engine.engine.main.vocab_size
+        bad_ids = [(dict(prompt=[vocab]), "prompt"), (dict(logit_bias={str(vocab): 5}), "logit_bias"),
+                   (dict(logit_bias={"abc": 5}), "logit_bias"),
+                   (dict(extra_body={"stop_token_ids": [vocab], "min_tokens": 2}), "stop_token_ids")]
+        for kwargs, param in bad_ids:
+            with pytest.raises(openai.BadRequestError) as err:
+                client.completions.create(**{"model": MODEL, "prompt": "hi", "max_tokens": 3, **kwargs})
+            assert err.value.body["param"] == param
+        assert client.completions.create(model=MODEL, prompt="hi", max_tokens=3).choices[0].finish_reason
+        bad_json = httpx.post(server.url + "/v1/completions", content=b"{not json",
+                              headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+        assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
         models = client.models.list()
         assert models.data[0].id == MODEL and models.data[0].max_model_len == 64
         tokens = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "Paris is"},
