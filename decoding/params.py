@@ -117,7 +117,8 @@ class SamplingParams:
                "-1, 0 (off) or a positive integer", self.top_k)
         _check(0 <= self.min_p <= 1, "min_p", "in [0, 1]", self.min_p)
         if self.seed is not None:
-            _check(isinstance(self.seed, int), "seed", "an integer", self.seed)
+            _check(isinstance(self.seed, int) and -(2**63) <= self.seed < 2**64, "seed",
+                   "an integer in [-2**63, 2**64)", self.seed)
 
     def _check_penalties(self):
         _check(self.repetition_penalty > 0, "repetition_penalty", "> 0", self.repetition_penalty)

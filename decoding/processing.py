@@ -60,7 +60,9 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Steps 5-8 for sampling rows: temperature, top-k, top-p, min-p (filtered tokens -> -inf)."""
     dev = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=dev)[:, None]
-    logits = logits / temperature
+    # NOTE: shifted by the row max first (softmax cannot tell): a tiny temperature then sends the
+    # other tokens to −inf instead of overflowing every logit to inf, whose softmax is NaN.
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
     top_p = [p.top_p for p in params]
     if min(top_k) < logits.shape[1] or min(top_p) < 1:

@@ -24,6 +24,7 @@ BAD = [
     ("stop", dict(stop=["ok", ""])),
     ("stop_token_ids", dict(stop_token_ids=[-4])),
     ("seed", dict(seed="abc")),
+    ("seed", dict(seed=2**64)),
     ("early_stopping", dict(early_stopping="sometimes")),
     ("contrastive.alpha", dict(contrastive={"amateur": "small", "alpha": 0.0})),
     ("contrastive.beta", dict(contrastive={"amateur": "small", "beta": -1})),

@@ -31,6 +31,15 @@ def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
     assert tokens(other_seed) != tokens(alone)
 
 
+def test_a_tiny_temperature_samples_the_greedy_token(llama_dir, llm):
+    """logits / 1e-40 overflows float32; the shift by the row max keeps it finite, so sampling
+    picks transformers' greedy tokens instead of failing on a NaN distribution."""
+    from test_greedy_vs_transformers import hf_greedy
+
+    params = SamplingParams(max_tokens=8, temperature=1e-40, seed=3, ignore_eos=True)
+    assert llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0].token_ids == hf_greedy(llama_dir, PROMPT, 8)
+
+
 def reference_distribution(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
     """A slow, literal reading of DECODING.md steps 5-8 over one row."""
     z = (logits / temperature).tolist()
