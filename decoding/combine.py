@@ -12,6 +12,8 @@ import torch
 from counterpoint.decoding.params import ContrastiveParams
 
 PAD_SCORE = -1.0e4  # score of tokens added to a too-small head so beam search has enough candidates
+# Amateur log-probabilities below this are 0 in float32 anyway; the floor keeps an extreme τ finite.
+LOG_FLOOR = -1.0e4
 
 
 def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[ContrastiveParams],
@@ -28,8 +30,10 @@ def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[Contra
     beta = torch.tensor([p.beta for p in params], device=dev)[:, None]
     tau = torch.tensor([p.amateur_temperature for p in params], device=dev)[:, None]
     log_p_e = torch.log_softmax(z_e, dim=-1)
-    log_p_a = torch.log_softmax(z_a / tau, dim=-1)
-    combined = log_p_e - beta * log_p_a  # both finite: no inf − inf before masking
+    # NOTE: shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN)
+    log_p_a = torch.log_softmax((z_a - z_a.max(dim=-1, keepdim=True).values) / tau, dim=-1).clamp(min=LOG_FLOOR)
+    # Both terms finite, so no inf − inf before masking; the clamp keeps an extreme β finite too.
+    combined = (log_p_e - beta * log_p_a).clamp(max=torch.finfo(torch.float32).max)
     head = z_e >= z_e.max(dim=-1, keepdim=True).values + torch.log(alpha)
     combined = combined.masked_fill(~head, -math.inf)
     if max(min_candidates) > 1:

@@ -122,6 +122,28 @@ def test_contrastive_sampling_matches_reference_distribution(llm, hf_pair):
     assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
 
 
+def test_a_vanishing_amateur_temperature_samples_the_formula_s_limit(llm, hf_pair):
+    """As τ -> 0 the amateur turns one-hot: log p_A,τ is 0 at its top token and -> −inf elsewhere,
+    so every other head token gains the same unbounded score and the amateur's top token none.
+    Sampling must follow that limit (p_E over the head without the amateur's top token) instead
+    of failing on the NaN that dividing the logits by 1e-40 used to produce."""
+    alpha = 0.02
+    with torch.no_grad():
+        z_e, z_a = (model(torch.tensor([PROMPTS[0]])).logits[0, -1].float() for model in hf_pair)
+    vocab = min(len(z_e), len(z_a))
+    head = torch.zeros(len(z_e), dtype=torch.bool)
+    head[:vocab] = z_e[:vocab] >= z_e[:vocab].max() + math.log(alpha)
+    top_amateur = int(z_a[:vocab].argmax())
+    assert head[top_amateur] and head.sum() > 5, "the limit is only visible with the amateur's top token in the head"
+    head[top_amateur] = False
+    expected = torch.where(head, torch.softmax(z_e, -1), 0.0)
+    contrastive = {"amateur": "amateur", "alpha": alpha, "beta": 0.5, "amateur_temperature": 1e-40}
+    params = [SamplingParams(n=30, max_tokens=1, temperature=1.0, seed=seed, contrastive=contrastive)
+              for seed in range(100)]
+    outs = llm.generate([PROMPTS[0]] * 100, params, use_tqdm=False)
+    assert_first_tokens_follow(outs, expected / expected.sum(), "sampled the amateur's top token or left the head")
+
+
 def test_contrastive_request_errors(llm, expert_dir, model_factory, tmp_path):
     bad = [({"amateur": "missing"}, "'missing' is not served"),
            ({"amateur": llm.engine.default_model}, "is the request's own model")]
