@@ -28,6 +28,9 @@ def process(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     for i, row in enumerate(rows):
         _bias_and_bans(logits[i], row)
         _penalties(logits[i], row)
+    # NOTE: an extreme repetition_penalty can overflow a logit to inf, and inf − inf is NaN later;
+    # bans stay −inf.
+    logits.clamp_(max=torch.finfo(torch.float32).max)
     sampling = [i for i, row in enumerate(rows) if not row.params.is_greedy and not row.params.use_beam_search]
     if sampling:
         idx = torch.tensor(sampling, device=logits.device)

@@ -62,3 +62,17 @@ def test_min_tokens_bans_eos_until_reached(llama_dir, tokenizer_dir):
     expected = reference_greedy(model, PROMPT, 6, eos, bias={eos: 30.0}, min_tokens=5)
     assert out.token_ids == expected and expected[-1] == eos
     assert out.finish_reason == "stop"
+
+
+def test_an_extreme_repetition_penalty_samples_without_failing(llama_dir):
+    """rep = 1e-45 divides positive logits of seen tokens past float32's range; sampling must still
+    run (it used to meet inf − inf = NaN), and only seen tokens can win: they are the only ones
+    pushed up, and any seen token with a positive logit ends above every unseen one."""
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    with torch.no_grad():
+        z = model(torch.tensor([PROMPT])).logits[0, -1]
+    assert (z[PROMPT] / 1e-45).isinf().any(), "a seen token's logit must overflow for this test"
+    llm = LLM(str(llama_dir), show_progress=False)
+    params = SamplingParams(max_tokens=1, temperature=1.0, seed=2, n=8, repetition_penalty=1e-45)
+    out = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    assert all(o.token_ids[0] in PROMPT and z[o.token_ids[0]] > 0 for o in out.outputs)
