@@ -9,6 +9,7 @@ import itertools
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ class QueueFull(RuntimeError):
 
 class Unavailable(RuntimeError):
     """The engine is still loading, shutting down, or has failed."""
+
+
+class StepFailed(RuntimeError):
+    """An engine step raised; the requests in flight were dropped and the engine goes on."""
 
 
 @dataclass
@@ -115,10 +120,29 @@ class AsyncEngine:
             raise
 
     def _step(self) -> None:
-        for out in self.engine.step():
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # noqa: BLE001  (any failure of one step; see _recover)
+            self._recover(err)
+            return
+        for out in outputs:
             self._deliver(out)
         if self.metrics:
             self.metrics.on_step(self.engine)
+
+    def _recover(self, err: Exception) -> None:
+        """Fail every request in flight with a StepFailed and go on serving, if aborting them
+        leaves the engine clean; otherwise re-raise, which ends the loop (and /health says 503)."""
+        traceback.print_exc()
+        failure = StepFailed(f"an engine step failed ({type(err).__name__}); the request was dropped")
+        for request_id, sub in list(self._sinks.items()):
+            sub.loop.call_soon_threadsafe(sub.sink.put_nowait, failure)
+            out = self.engine.abort_request(request_id)
+            if self.metrics and out is not None:
+                self.metrics.on_output(out)
+        self._sinks.clear()
+        if not self.engine.abort_all():
+            raise err
 
     def _take_inbox(self, block: bool) -> None:
         while True:

@@ -95,6 +95,14 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def abort_all(self) -> bool:
+        """Abort every request; True if that leaves the engine clean: no request anywhere and
+        every block of every pool free (what a failed step must leave to go on serving)."""
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        pools_full = all(s.kv.pool.num_free_blocks == s.kv.pool.num_blocks for s in self.slots.values())
+        return pools_full and not self.has_unfinished_requests()
+
     def _streams(self, slot: ModelSlot, params: SamplingParams) -> dict[str, str]:
         """Stream name -> model slot for a request on `slot`."""
         if params.context_contrast is not None:

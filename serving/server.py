@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from counterpoint.serving import responses as R
 from counterpoint.serving.streaming import sse, stream_chat, stream_completion
-from counterpoint.serving.async_engine import AsyncEngine, QueueFull, Unavailable
+from counterpoint.serving.async_engine import AsyncEngine, QueueFull, StepFailed, Unavailable
 from counterpoint.serving.engine import ContextLengthExceeded
 from counterpoint.serving.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                            TokenizeRequest, error_body)
@@ -173,6 +173,8 @@ async def _started(gen) -> _Started:
         raise APIError(429, str(err), "rate_limit_error", code="queue_full") from err
     except Unavailable as err:
         raise APIError(503, str(err), "service_unavailable") from err
+    except StepFailed as err:
+        raise APIError(500, str(err), "internal_error") from err
 
 
 async def _last(stream: _Started, request: Request):
@@ -182,6 +184,8 @@ async def _last(stream: _Started, request: Request):
         async for out in stream:
             if await request.is_disconnected():
                 break
+    except StepFailed as err:
+        raise APIError(500, str(err), "internal_error") from err
     finally:
         await stream.aclose()
     if out is None or not out.finished:

@@ -8,12 +8,17 @@ import time
 from fastapi.responses import StreamingResponse
 
 from counterpoint.serving import responses as R
+from counterpoint.serving.async_engine import StepFailed
+from counterpoint.serving.protocol import error_body
 
 
 def sse(gen) -> StreamingResponse:
     async def lines():
-        async for chunk in gen:
-            yield f"data: {json.dumps(chunk)}\n\n"
+        try:
+            async for chunk in gen:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except StepFailed as err:  # NOTE: headers are sent; the error travels as an event, as in vLLM
+            yield f"data: {json.dumps(error_body(str(err), 'internal_error'))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
@@ -27,6 +32,8 @@ async def _merge(streams):
         try:
             async for out in stream:
                 await queue.put((i, out))
+        except StepFailed as err:  # handed to the consumer, which raises it
+            await queue.put((i, err))
         finally:
             await queue.put((i, None))
 
@@ -35,6 +42,8 @@ async def _merge(streams):
         remaining = len(streams)
         while remaining:
             i, out = await queue.get()
+            if isinstance(out, StepFailed):
+                raise out
             if out is None:
                 remaining -= 1
             else:

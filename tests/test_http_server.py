@@ -210,6 +210,37 @@ def test_chat_content_parts_and_unsupported_openai_features(server, offline):
     assert err.value.body["param"] == "suffix" and err.value.body["code"] == "not_supported"
 
 
+def test_a_failed_step_drops_its_requests_and_the_server_goes_on(llama_dir):
+    """A step that raises (injected here: valid input no longer makes one fail) answers the requests
+    in flight with a 500, or an error event mid-stream, frees their blocks, and the next request is
+    served as usual."""
+    server = Server(llama_dir)
+    try:
+        runner, fail_at = server.engine.engine.main.runner, [2]
+        real_execute = runner.execute
+
+        def execute(*args):
+            fail_at[0] -= 1
+            if fail_at[0] == 0:
+                raise RuntimeError("injected fault")
+            return real_execute(*args)
+
+        runner.execute = execute  # the second model run: the first decode, after the prefill
+        client = server.client()
+        ask = dict(model=MODEL, prompt=[5, 17, 33], max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(**ask)
+        assert "an engine step failed" in err.value.body["message"]
+        fail_at[0] = 2
+        with pytest.raises(openai.APIError, match="an engine step failed"):
+            list(client.completions.create(**ask, stream=True))
+        assert wait_until(server.pool_is_full) and httpx.get(server.url + "/health").status_code == 200
+        served = client.completions.create(**ask).choices[0]
+        assert served.finish_reason == "length" and served.text == client.completions.create(**ask).choices[0].text
+    finally:
+        server.stop()
+
+
 def test_queue_limit_answers_429(llama_dir):
     server = Server(llama_dir, max_queue=1, max_num_seqs=1, max_num_batched_tokens=8)
 
