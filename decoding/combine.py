@@ -32,8 +32,8 @@ def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[Contra
     log_p_e = torch.log_softmax(z_e, dim=-1)
     # NOTE: shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN)
     log_p_a = torch.log_softmax((z_a - z_a.max(dim=-1, keepdim=True).values) / tau, dim=-1).clamp(min=LOG_FLOOR)
-    # Both terms finite, so no inf − inf before masking; the clamp keeps an extreme β finite too.
-    combined = (log_p_e - beta * log_p_a).clamp(max=torch.finfo(torch.float32).max)
+    # Both terms finite, so no inf − inf before masking (an extreme β's +inf is clamped in processing).
+    combined = log_p_e - beta * log_p_a
     head = z_e >= z_e.max(dim=-1, keepdim=True).values + torch.log(alpha)
     combined = combined.masked_fill(~head, -math.inf)
     if max(min_candidates) > 1:

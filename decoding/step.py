@@ -32,15 +32,17 @@ def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoi
 
     For a beam-search group the choices are its running beams after the step.
     """
-    combined, offsets = _combine(logits, groups), _offsets(groups)
+    offsets = _offsets(groups)
+    combined = _combine(logits, groups, offsets)
     plain = [g for g in groups if g.beam is None]
     plain_idx = [i for i, g in enumerate(groups) if g.beam is None]
     results: list[list[TokenChoice] | None] = [None] * len(groups)
     if plain:
-        rows = torch.cat([torch.arange(offsets[i], offsets[i] + len(groups[i].rows)) for i in plain_idx])
-        rows = rows.to(logits.device)
-        everything = len(plain) == len(groups)  # the common case: no gather copy of the logits
-        picked = (combined, logits) if everything else (combined[rows], logits[rows])
+        picked = (combined, logits)  # the common case, every group plain: no gather copy of the logits
+        if len(plain) < len(groups):
+            rows = torch.cat([torch.arange(offsets[i], offsets[i] + len(groups[i].rows)) for i in plain_idx])
+            rows = rows.to(logits.device)
+            picked = (combined[rows], logits[rows])
         for i, choices in zip(plain_idx, _step_plain(*picked, plain)):
             results[i] = choices
     for i, group in enumerate(groups):
@@ -58,10 +60,10 @@ def _offsets(groups: list[DecodeGroup]) -> list[int]:
     return offsets
 
 
-def _combine(logits: torch.Tensor, groups: list[DecodeGroup]) -> torch.Tensor:
+def _combine(logits: torch.Tensor, groups: list[DecodeGroup], offsets: list[int]) -> torch.Tensor:
     """Contrastive rows replaced by their combined logits, one batched call per amateur vocab size."""
     by_vocab: dict[int, list[tuple[int, DecodeGroup]]] = {}
-    for start, group in zip(_offsets(groups), groups):
+    for start, group in zip(offsets, groups):
         if group.amateur is not None:
             by_vocab.setdefault(group.amateur.shape[-1], []).append((start, group))
     if not by_vocab:

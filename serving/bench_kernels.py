@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.attention import AttentionMetadata, KVCache, create_backend
+from counterpoint.serving.bench import random_workload
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
@@ -89,11 +90,6 @@ def _random_checkpoint(shape: dict, dtype: torch.dtype, out: str):
     return model
 
 
-def _prompts(batch: int, input_len: int, vocab_size: int) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(3, vocab_size, (batch, input_len), generator=gen).tolist()
-
-
 def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args, eager: bool) -> float:
     from counterpoint.serving import LLM
 
@@ -101,7 +97,7 @@ def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: 
               max_num_batched_tokens=max(2048, batch * args.input_len), enforce_eager=eager, show_progress=False)
     engine = llm.engine
     params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
-    for i, prompt in enumerate(_prompts(batch, args.input_len, engine.main.vocab_size)):
+    for i, prompt in enumerate(random_workload(batch, args.input_len, 1, 0.0, engine.main.vocab_size, 0).prompts):
         engine.add_request(str(i), prompt, params)
     engine.step()  # prefill (and the first token)
     engine.step()  # one decode step to warm up
@@ -117,7 +113,8 @@ def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: 
 
 
 def _transformers_step_ms(model, device: torch.device, batch: int, args) -> float:
-    ids = torch.tensor(_prompts(batch, args.input_len, model.config.vocab_size), device=device)
+    prompts = random_workload(batch, args.input_len, 1, 0.0, model.config.vocab_size, 0).prompts
+    ids = torch.tensor(prompts, device=device)
     model.generation_config.eos_token_id = None
 
     def generate(n: int) -> float:

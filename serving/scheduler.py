@@ -169,10 +169,6 @@ class Scheduler:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED
 
-    def free_hypothesis_seqs(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            self.kv[seq.model].free(seq)
-
 
 def _seq_demand(request: Request) -> Counter:
     """Sequences the request will hold on each model once its hypotheses have forked."""

@@ -31,6 +31,8 @@ def test_bad_flags_exit_2_with_one_line(llama_dir):
         assert proc.stderr.strip().splitlines()[-1].startswith("counterpoint")
     proc = run("generate", "--model", "/nonexistent/model", "--prompt", "hi")
     assert proc.returncode == 2 and "config.json not found" in proc.stderr
+    proc = run("serve", "--model", f"a={llama_dir}", "--model", f"a={llama_dir}")
+    assert proc.returncode == 2 and "'a' is given twice" in proc.stderr.strip().splitlines()[-1]
 
 
 def test_bench_throughput_writes_json(llama_dir, tmp_path):
