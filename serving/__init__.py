@@ -1,5 +1,16 @@
-"""The engine, its offline API and the server."""
+"""The inference server: the engine and its rooms (engine/, attention/, models/, api/, bench/),
+the offline API (`LLM`) and the command line.
 
-from counterpoint.serving.llm import LLM
+`LLM` is imported on first use, so `counterpoint --help` and the light modules do not pay for
+torch and transformers.
+"""
 
 __all__ = ["LLM"]
+
+
+def __getattr__(name: str):
+    if name == "LLM":
+        from counterpoint.serving.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

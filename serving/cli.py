@@ -4,31 +4,9 @@ value ends in a one-line error and exit code 2."""
 import argparse
 import sys
 
-from counterpoint.decoding import SamplingParams
+from counterpoint.serving.bench.cli import add_bench_parser, run_bench
+from counterpoint.serving.flags import add_engine_flags, engine_kwargs, positive_int
 from counterpoint.training.cli import add_train_parser, run_train
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
-    return value
-
-
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--max-model-len", type=positive_int, default=None)
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="auto: the Triton kernels on CUDA, the torch path on the CPU; torch forces the torch path")
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs: run every decode step eagerly (graphs are used on CUDA with triton)")
-
-
-def engine_kwargs(args) -> dict:
-    """The flags of _add_engine_flags as EngineConfig fields."""
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                attention_backend=args.attention_backend, enforce_eager=args.enforce_eager)
 
 
 def _generate_parser(sub) -> None:
@@ -50,97 +28,7 @@ def _generate_parser(sub) -> None:
     p.add_argument("--cd-beta", type=float, default=1.0)
     p.add_argument("--document", action="append", default=None)
     p.add_argument("--context-contrast", choices=["acd", "cad", "adacad"], default=None)
-    _add_engine_flags(p)
-
-
-def _bench_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="offline benchmarks").add_subparsers(dest="bench", required=True)
-    t = bench.add_parser("throughput", help="output tokens/s against transformers' generate, in one run")
-    t.add_argument("--model", required=True)
-    t.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 64])
-    t.add_argument("--num-prompts", type=positive_int, default=None, help="default: 4 x concurrency, at least 8")
-    t.add_argument("--input-len", type=positive_int, default=128)
-    t.add_argument("--output-len", type=positive_int, default=128)
-    t.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1-r)..len*(1+r)")
-    t.add_argument("--dataset", choices=["random", "bundled"], default="random",
-                   help="random-token prompts, or the bundled text prompts of bench serve (fixed output length)")
-    t.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--json", default=None, help="write the results here")
-    _add_engine_flags(t)
-    srv = bench.add_parser("serve", help="load an OpenAI-compatible server (this one or another)")
-    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
-    srv.add_argument("--model", required=True, help="the served model id")
-    srv.add_argument("--api-key", default=None)
-    srv.add_argument("--num-prompts", type=positive_int, default=64)
-    srv.add_argument("--dataset", default=None, help='JSONL with {"prompt": ...} per line (default: bundled set)')
-    srv.add_argument("--output-len", type=positive_int, default=128)
-    load = srv.add_mutually_exclusive_group()
-    load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
-    load.add_argument("--max-concurrency", type=positive_int, default=None)
-    srv.add_argument("--seed", type=int, default=0)
-    srv.add_argument("--plot", default=None, help="write latency/throughput plots to this PNG")
-    srv.add_argument("--json", default=None)
-    lat = bench.add_parser("latency", help="end-to-end latency of one batch, time to first token")
-    lat.add_argument("--model", required=True)
-    lat.add_argument("--batch-size", type=positive_int, default=1)
-    lat.add_argument("--input-len", type=positive_int, default=128)
-    lat.add_argument("--output-len", type=positive_int, default=64)
-    lat.add_argument("--iters", type=positive_int, default=5)
-    lat.add_argument("--warmup", type=int, default=1)
-    lat.add_argument("--seed", type=int, default=0)
-    lat.add_argument("--json", default=None)
-    _add_engine_flags(lat)
-    _decoding_bench_parsers(bench)
-
-
-def _decoding_bench_parsers(bench) -> None:
-    b = bench.add_parser("beam", help="beam search against transformers' beam search, in one run; KV blocks shared")
-    b.add_argument("--model", required=True)
-    b.add_argument("--widths", type=positive_int, nargs="+", default=[4, 8])
-    b.add_argument("--concurrency", type=positive_int, default=16, help="requests, all submitted at once")
-    c = bench.add_parser("contrastive", help="contrastive decoding tokens/s over greedy tokens/s, same expert")
-    c.add_argument("--model", required=True, help="the expert")
-    c.add_argument("--amateur", required=True)
-    c.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 16])
-    c.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
-    c.add_argument("--alpha", type=float, default=0.1)
-    c.add_argument("--beta", type=float, default=1.0)
-    _kernels_bench_parser(bench)
-    for p in (b, c):
-        p.add_argument("--input-len", type=positive_int, default=128)
-        p.add_argument("--output-len", type=positive_int, default=64)
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--json", default=None)
-        _add_engine_flags(p)
-
-
-def _shape_pair(text: str) -> tuple[int, int]:
-    batch, _, context = text.partition(":")
-    try:
-        return positive_int(batch), positive_int(context)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"must be BATCH:CONTEXT, e.g. 16:4096; got {text}") from err
-
-
-def _kernels_bench_parser(bench) -> None:
-    from counterpoint.serving.bench_kernels import LLAMA_1B
-
-    k = bench.add_parser("kernels", help="GPU: decode attention bandwidth and decode step time against bounds")
-    k.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
-    k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    k.add_argument("--peak-gbs", type=float, default=3350.0, help="memory peak in GB/s (H100 SXM: 3350, H200: 4800)")
-    k.add_argument("--attention-shapes", type=_shape_pair, nargs="+", default=[(1, 32768), (16, 4096), (64, 2048)])
-    k.add_argument("--heads", type=positive_int, default=32)
-    k.add_argument("--kv-heads", type=positive_int, default=8)
-    k.add_argument("--head-dim", type=positive_int, default=128)
-    k.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16, 64])
-    k.add_argument("--input-len", type=positive_int, default=128)
-    k.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")
-    k.add_argument("--iters", type=positive_int, default=20)
-    k.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
-    k.add_argument("--json", default=None)
-    k.set_defaults(shape=LLAMA_1B)
+    add_engine_flags(p)
 
 
 def _serve_parser(sub) -> None:
@@ -158,17 +46,17 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=None)
     p.add_argument("--max-queue", type=positive_int, default=None, help="waiting requests beyond this get 429")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds to drain on SIGTERM")
-    _add_engine_flags(p)
+    add_engine_flags(p)
 
 
 def run_serve(args, parser) -> None:
     import uvicorn
 
-    from counterpoint.serving.async_engine import AsyncEngine
-    from counterpoint.serving.config import EngineConfig
-    from counterpoint.serving.engine import Engine
-    from counterpoint.serving.metrics import Metrics
-    from counterpoint.serving.server import build_app
+    from counterpoint.serving.api.async_engine import AsyncEngine
+    from counterpoint.serving.api.metrics import Metrics
+    from counterpoint.serving.api.server import build_app
+    from counterpoint.serving.engine.config import EngineConfig
+    from counterpoint.serving.engine.engine import Engine
 
     if args.quantization != "none":
         parser.error(f"--quantization {args.quantization} is not supported yet")
@@ -213,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
     _generate_parser(sub)
-    _bench_parser(sub)
+    add_bench_parser(sub)
     add_train_parser(sub)
     return parser
 
 
 def run_generate(args, parser) -> None:
-    from counterpoint.serving import LLM
-    from counterpoint.serving.llm import AMATEUR
+    from counterpoint.decoding import SamplingParams
+    from counterpoint.serving.llm import AMATEUR, LLM
 
     for flag, value in (("--document", args.document), ("--context-contrast", args.context_contrast)):
         if value is not None:
@@ -259,23 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "generate":
             run_generate(args, parser)
         elif args.command == "bench":
-            from counterpoint.serving import bench
-
-            if args.bench == "serve":
-                from counterpoint.serving.bench_serve import serve_benchmark
-
-                result = serve_benchmark(args)
-            elif args.bench in ("beam", "contrastive"):
-                from counterpoint.serving import bench_decoding
-
-                result = getattr(bench_decoding, args.bench)(args)
-            elif args.bench == "kernels":
-                from counterpoint.serving.bench_kernels import kernels
-
-                result = kernels(args)
-            else:
-                result = bench.throughput(args) if args.bench == "throughput" else bench.latency(args)
-            bench.write_json(result, args.json)
+            run_bench(args)
         elif args.command == "train":
             run_train(args)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:

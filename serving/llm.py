@@ -6,9 +6,9 @@ from dataclasses import fields
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.serving.config import EngineConfig
-from counterpoint.serving.engine import Engine
-from counterpoint.serving.outputs import RequestOutput
+from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.engine.engine import Engine
+from counterpoint.serving.engine.outputs import RequestOutput
 
 _ENGINE_FIELDS = {f.name for f in fields(EngineConfig)}
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from counterpoint.serving.block_pool import BlockPool
-from counterpoint.serving.kv_manager import KVManager
-from counterpoint.serving.request import Sequence
+from counterpoint.serving.engine.block_pool import BlockPool
+from counterpoint.serving.engine.kv_manager import KVManager
+from counterpoint.serving.engine.request import Sequence
 
 
 def make(num_blocks=8, block_size=4, caching=True):

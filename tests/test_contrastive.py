@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorL
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
-from counterpoint.serving.config import EngineConfig
-from counterpoint.serving.engine import Engine
+from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.engine.engine import Engine
 from test_sampling import assert_first_tokens_follow
 
 PROMPTS = [[5, 17, 33, 100, 7, 9, 11], [200, 3], list(range(40, 77))]

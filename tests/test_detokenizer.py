@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.serving.detokenizer import IncrementalDetokenizer, find_stop
+from counterpoint.serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 
 TEXTS = ["Héllo wörld, naïve café — ünïcödé 日本語 テキスト 🙂 emoji.", "def add(a, b):\n    return a + b\n",
          "   spaced   out  "]

@@ -6,8 +6,8 @@ import pytest
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
-from counterpoint.serving.config import EngineConfig
-from counterpoint.serving.engine import Engine
+from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.engine.engine import Engine
 from test_http_server import MODEL, Server
 
 PROMPT = "The quick brown fox"

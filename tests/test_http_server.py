@@ -13,11 +13,11 @@ import uvicorn
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
-from counterpoint.serving.async_engine import AsyncEngine
-from counterpoint.serving.config import EngineConfig
-from counterpoint.serving.engine import Engine
-from counterpoint.serving.metrics import Metrics
-from counterpoint.serving.server import build_app
+from counterpoint.serving.api.async_engine import AsyncEngine
+from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.engine.engine import Engine
+from counterpoint.serving.api.metrics import Metrics
+from counterpoint.serving.api.server import build_app
 from test_greedy_vs_transformers import hf_greedy
 
 MODEL = "tiny"
@@ -325,7 +325,7 @@ def test_metrics_parse_and_move(server):
 def test_bench_serve_reports_latencies(server, tmp_path):
     from argparse import Namespace
 
-    from counterpoint.serving.bench_serve import serve_benchmark
+    from counterpoint.serving.bench.serve import serve_benchmark
 
     args = Namespace(base_url=server.url, model=MODEL, api_key=None, num_prompts=6, dataset=None, output_len=5,
                      request_rate=None, max_concurrency=3, seed=0, plot=str(tmp_path / "plot.png"), json=None)

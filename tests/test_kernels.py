@@ -190,7 +190,7 @@ def test_decode_graph_buffers_pad_batches_without_touching_the_cache(llama_dir):
 
 
 def test_decode_graph_batch_buckets():
-    from counterpoint.serving.cuda_graphs import default_batch_sizes
+    from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
 
     assert default_batch_sizes(256, 256) == [1, 2, 4] + list(range(8, 257, 8))
     assert default_batch_sizes(20, 256) == [1, 2, 4, 8, 16, 20]
@@ -241,7 +241,7 @@ def test_bench_kernels_runs_end_to_end_at_toy_size():
     """A smoke run of the GPU benchmark's code path (its figures only mean something on a GPU)."""
     from argparse import Namespace
 
-    from counterpoint.serving.bench_kernels import kernels
+    from counterpoint.serving.bench.kernels import kernels
 
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)

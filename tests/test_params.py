@@ -50,7 +50,7 @@ def test_good_values_pass_and_normalise():
 
 def test_engine_rejects_prompts_that_do_not_fit(llama_dir):
     from counterpoint.serving import LLM
-    from counterpoint.serving.engine import ContextLengthExceeded
+    from counterpoint.serving.engine.admission import ContextLengthExceeded
 
     llm = LLM(str(llama_dir), show_progress=False, max_model_len=32)
     with pytest.raises(ContextLengthExceeded, match="maximum context length is 32"):

@@ -2,6 +2,8 @@
 
 import argparse
 
+from counterpoint.training.presets import PRESETS
+
 
 def add_train_parser(sub) -> None:
     train = sub.add_parser("train", help="build the checkpoints the server serves").add_subparsers(
@@ -47,8 +49,6 @@ LOOP_FIELDS = ("seq_len", "batch_size", "steps", "lr", "warmup", "eval_every", "
 
 
 def _distill_parser(train) -> None:
-    from counterpoint.training.pretrain import PRESETS
-
     p = train.add_parser("distill", help="train a student from a teacher with the same vocabulary")
     p.add_argument("teacher", help="teacher HF directory")
     p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
@@ -63,8 +63,6 @@ def _distill_parser(train) -> None:
 
 
 def _pretrain_parser(train) -> None:
-    from counterpoint.training.pretrain import PRESETS
-
     p = train.add_parser("pretrain", help="train a BPE tokenizer and a Llama model from text files")
     p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
     p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="size preset")

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 from counterpoint.training.checkpoint import write_provenance
 from counterpoint.training.data import default_corpus, pack, read_texts
 from counterpoint.training.merge import MergeConfig, run_merge
-from counterpoint.training.pretrain import CHECKPOINT, PRESETS, LoopConfig, autocast, load_checkpoint, train_loop
+from counterpoint.training.presets import PRESETS
+from counterpoint.training.pretrain import CHECKPOINT, LoopConfig, autocast, load_checkpoint, train_loop
 
 
 @dataclass(frozen=True, kw_only=True)

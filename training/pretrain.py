@@ -15,15 +15,8 @@ from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForC
 
 from counterpoint.training.checkpoint import write_provenance
 from counterpoint.training.data import default_corpus, pack, read_texts, train_tokenizer
+from counterpoint.training.presets import PRESETS
 
-PRESETS = {
-    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
-                  num_key_value_heads=4),
-    "base": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=8,
-                 num_key_value_heads=4),
-}
 CHECKPOINT = "checkpoint.pt"
 
 

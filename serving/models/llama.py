@@ -5,71 +5,12 @@ Attention goes through an `AttentionBackend`, so the same model runs on the torc
 Triton kernels.
 """
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from counterpoint.serving.models.rope import apply_rotary, cos_sin_cache, inverse_frequencies
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    """The dimensions the engine needs, read once from an HF config."""
-
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    qkv_bias: bool
-    o_bias: bool
-    qk_norm: bool
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    sliding_window: int | None
-    rope: dict
-
-    @classmethod
-    def from_hf(cls, config) -> "LlamaShape":
-        model_type = config.model_type
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        num_heads = config.num_attention_heads
-        attention_bias = bool(getattr(config, "attention_bias", False))
-        use_sliding = getattr(config, "use_sliding_window", model_type == "mistral")
-        return cls(
-            model_type=model_type,
-            vocab_size=config.vocab_size,
-            hidden_size=config.hidden_size,
-            intermediate_size=config.intermediate_size,
-            num_layers=config.num_hidden_layers,
-            num_heads=num_heads,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-            rms_norm_eps=config.rms_norm_eps,
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias and model_type != "qwen2",
-            qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            max_position_embeddings=config.max_position_embeddings,
-            sliding_window=getattr(config, "sliding_window", None) if use_sliding else None,
-            rope=dict(config.rope_parameters or {}),
-        )
-
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token per element size 1 (multiply by the cache dtype's size)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+from counterpoint.serving.models.shape import LlamaShape
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -174,15 +115,6 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    # HF tensor name fragment -> (our packed parameter fragment, index of the shard in the pack)
-    PACKED = {
-        "q_proj": ("qkv_proj", 0),
-        "k_proj": ("qkv_proj", 1),
-        "v_proj": ("qkv_proj", 2),
-        "gate_proj": ("gate_up_proj", 0),
-        "up_proj": ("gate_up_proj", 1),
-    }
-
     def __init__(self, shape: LlamaShape, max_positions: int):
         super().__init__()
         self.shape = shape
@@ -224,52 +156,3 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32 logits."""
         return self.lm_head(hidden).float()
-
-    def load_weights(self, named_tensors) -> None:
-        """Copy HF-named tensors in; raises if any parameter was left unset."""
-        params = dict(self.named_parameters())
-        loaded = set()
-        for name, tensor in named_tensors:
-            name = name.removeprefix("model.")
-            if "rotary_emb" in name or (name == "lm_head.weight" and self.shape.tie_word_embeddings):
-                continue
-            target, shard = self._locate(name)
-            if target not in params:
-                raise ValueError(f"unexpected tensor {name!r} in the checkpoint")
-            self._copy_shard(params[target], tensor, target, shard)
-            loaded.add(target if shard is None else f"{target}#{shard}")
-        self._check_complete(params, loaded)
-
-    def _locate(self, name: str) -> tuple[str, int | None]:
-        for fragment, (packed, shard) in self.PACKED.items():
-            if f".{fragment}." in name:
-                return name.replace(fragment, packed), shard
-        return name, None
-
-    def _copy_shard(self, param: nn.Parameter, tensor: torch.Tensor, target: str, shard: int | None) -> None:
-        if shard is None:
-            if param.shape != tensor.shape:
-                raise ValueError(f"{target}: checkpoint shape {tuple(tensor.shape)} != model shape "
-                                 f"{tuple(param.shape)}")
-            param.data.copy_(tensor)
-            return
-        sizes = self._shard_sizes(target)
-        start = sum(sizes[:shard])
-        param.data[start : start + sizes[shard]].copy_(tensor)
-
-    def _shard_sizes(self, target: str) -> list[int]:
-        s = self.shape
-        if "qkv_proj" in target:
-            return [s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim, s.num_kv_heads * s.head_dim]
-        return [s.intermediate_size, s.intermediate_size]
-
-    def _check_complete(self, params: dict, loaded: set) -> None:
-        missing = []
-        for name in params:
-            shards = 3 if "qkv_proj" in name else 2 if "gate_up_proj" in name else 0
-            if shards:
-                missing += [f"{name}#{i}" for i in range(shards) if f"{name}#{i}" not in loaded]
-            elif name not in loaded and not (name == "lm_head.weight" and self.shape.tie_word_embeddings):
-                missing.append(name)
-        if missing:
-            raise ValueError(f"checkpoint is missing tensors: {', '.join(missing[:8])}")

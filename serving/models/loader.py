@@ -8,7 +8,9 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
-from counterpoint.serving.models.llama import LlamaForCausalLM, LlamaShape
+from counterpoint.serving.models.llama import LlamaForCausalLM
+from counterpoint.serving.models.shape import LlamaShape
+from counterpoint.serving.models.weights import load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -72,6 +74,6 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
         model = LlamaForCausalLM(shape, max_positions)
     model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
     model.tie_weights()
-    model.load_weights(iter_tensors(safetensors_files(path), show_progress))
+    load_weights(model, iter_tensors(safetensors_files(path), show_progress))
     model.init_rope(max_positions)
     return model

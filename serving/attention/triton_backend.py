@@ -7,7 +7,7 @@ import torch
 from counterpoint.kernels.kv_store import store_kv
 from counterpoint.kernels.paged_decode import paged_decode
 from counterpoint.kernels.paged_prefill import paged_prefill
-from counterpoint.serving.attention import AttentionBackend, AttentionMetadata, KVCache, register_backend
+from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend
 
 
 @register_backend("triton")

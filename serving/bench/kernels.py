@@ -17,13 +17,9 @@ import torch
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.serving.attention import AttentionMetadata, KVCache, create_backend
-from counterpoint.serving.bench import random_workload
-
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                max_position_embeddings=4096)
-
+from counterpoint.serving.attention import create_backend
+from counterpoint.serving.attention.base import AttentionMetadata, KVCache
+from counterpoint.serving.bench.workload import random_workload
 
 def _timed(fn, device: torch.device, iters: int) -> float:
     """Mean seconds per call after one warm-up call."""
@@ -91,7 +87,7 @@ def _random_checkpoint(shape: dict, dtype: torch.dtype, out: str):
 
 
 def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args, eager: bool) -> float:
-    from counterpoint.serving import LLM
+    from counterpoint.serving.llm import LLM
 
     llm = LLM(path, dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=batch,
               max_num_batched_tokens=max(2048, batch * args.input_len), enforce_eager=eager, show_progress=False)

@@ -6,8 +6,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from counterpoint.serving.kv_manager import KVManager
-from counterpoint.serving.request import Request, RequestStatus, Sequence
+from counterpoint.serving.engine.kv_manager import KVManager
+from counterpoint.serving.engine.request import Request, RequestStatus, Sequence
 
 
 @dataclass(frozen=True)

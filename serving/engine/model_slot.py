@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from counterpoint.serving.attention import KVCache
-from counterpoint.serving.block_pool import BlockPool
-from counterpoint.serving.config import EngineConfig
-from counterpoint.serving.cuda_graphs import default_batch_sizes
-from counterpoint.serving.kv_manager import KVManager
-from counterpoint.serving.model_runner import ModelRunner
+from counterpoint.serving.attention.base import KVCache
+from counterpoint.serving.engine.block_pool import BlockPool
+from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
+from counterpoint.serving.engine.kv_manager import KVManager
+from counterpoint.serving.engine.model_runner import ModelRunner
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
-from counterpoint.serving.models.llama import LlamaForCausalLM, LlamaShape
+from counterpoint.serving.models.llama import LlamaForCausalLM
+from counterpoint.serving.models.shape import LlamaShape
 
 
 @dataclass

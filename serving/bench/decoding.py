@@ -12,8 +12,8 @@ import torch
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.serving.bench import random_workload
-from counterpoint.serving.cli import engine_kwargs
+from counterpoint.serving.bench.workload import random_workload
+from counterpoint.serving.flags import engine_kwargs
 
 
 def _drive(engine, prompts, params, desc: str) -> tuple[float, int, int]:
@@ -47,8 +47,8 @@ def _transformers_beams(model, prompts, width: int, output_len: int) -> float:
 def beam(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from counterpoint.serving import LLM
-    from counterpoint.serving.config import EngineConfig
+    from counterpoint.serving.llm import LLM
+    from counterpoint.serving.engine.config import EngineConfig
     from counterpoint.serving.models.loader import DTYPES
 
     device = EngineConfig(args.model, device=args.device).torch_device
@@ -76,7 +76,7 @@ def beam(args) -> dict:
 
 
 def contrastive(args) -> dict:
-    from counterpoint.serving import LLM
+    from counterpoint.serving.llm import LLM
     from counterpoint.serving.llm import AMATEUR
 
     results = []

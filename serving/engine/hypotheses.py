@@ -6,10 +6,10 @@ and its blocks are freed at once.
 """
 
 from counterpoint.decoding.selection import TokenChoice
-from counterpoint.serving.detokenizer import find_stop
-from counterpoint.serving.kv_manager import KVManager
-from counterpoint.serving.output_builder import record_choice, record_token
-from counterpoint.serving.request import Hypothesis, Request
+from counterpoint.serving.engine.detokenizer import find_stop
+from counterpoint.serving.engine.kv_manager import KVManager
+from counterpoint.serving.engine.output_builder import record_choice, record_token
+from counterpoint.serving.engine.request import Hypothesis, Request
 
 
 def free(hyp: Hypothesis, kv: dict[str, KVManager]) -> None:

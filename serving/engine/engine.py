@@ -7,37 +7,15 @@ import torch
 from counterpoint.decoding import SamplingParams
 from counterpoint.decoding import step as decoding_step
 from counterpoint.decoding.processing import Row
-from counterpoint.serving.config import EngineConfig
-from counterpoint.serving.detokenizer import IncrementalDetokenizer
-from counterpoint.serving.model_slot import ModelSlot, load_slot
-from counterpoint.serving.hypotheses import apply_beams, apply_sampled, ends_in_stop_string, finished_beam, free
-from counterpoint.serving.output_builder import build_output, record_prompt_logprobs
-from counterpoint.serving.request import Request
-from counterpoint.serving.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from counterpoint.serving.outputs import RequestOutput
-
-
-class ContextLengthExceeded(ValueError):
-    """The prompt (plus max_tokens) does not fit the model's context."""
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot run as asked; `param` names the field at fault."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-def _check_token_ids(prompt: list[int], params: SamplingParams, vocab: int) -> None:
-    """Every token id a request names lies in the vocabulary. NOTE: an id past it would fail
-    inside the engine's step, for the whole batch."""
-    if min(prompt) < 0 or max(prompt) >= vocab:
-        raise InvalidRequest(f"prompt token ids must be in [0, {vocab}); got {min(prompt)}..{max(prompt)}", "prompt")
-    for field, ids in (("logit_bias", list(params.logit_bias or {})), ("stop_token_ids", params.stop_token_ids or [])):
-        outside = [t for t in ids if t >= vocab]
-        if outside:
-            raise InvalidRequest(f"{field} token ids must be < the vocabulary size {vocab}; got {outside[0]}", field)
+from counterpoint.serving.engine.admission import InvalidRequest, admit
+from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.engine.detokenizer import IncrementalDetokenizer
+from counterpoint.serving.engine.model_slot import ModelSlot, load_slot
+from counterpoint.serving.engine.hypotheses import apply_beams, apply_sampled, ends_in_stop_string, finished_beam, free
+from counterpoint.serving.engine.output_builder import build_output, record_prompt_logprobs
+from counterpoint.serving.engine.request import Request
+from counterpoint.serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from counterpoint.serving.engine.outputs import RequestOutput
 
 
 class Engine:
@@ -75,7 +53,7 @@ class Engine:
         slot = self.slots[model or self.default_model]
         streams = self._streams(slot, params)
         text, ids = (prompt, slot.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        max_tokens = self._validate(ids, params, [self.slots[m] for m in streams.values()])
+        max_tokens = admit(ids, params, [self.slots[m] for m in streams.values()], self.config)
         request = Request(request_id, text, ids, params, slot.eos_ids, max_tokens, streams)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
@@ -127,41 +105,6 @@ class Engine:
         if key not in self._same_vocab:
             self._same_vocab[key] = self.slots[a].tokenizer.get_vocab() == self.slots[b].tokenizer.get_vocab()
         return self._same_vocab[key]
-
-    def _validate(self, ids: list[int], params: SamplingParams, slots: list[ModelSlot]) -> int:
-        """Checks the request fits every model it runs on; returns its effective max_tokens."""
-        if not ids:
-            raise InvalidRequest("prompt must not be empty", "prompt")
-        if params.beam_width > self.config.max_num_seqs:
-            field = "best_of" if params.best_of else "n"
-            raise InvalidRequest(f"{field} must be <= max_num_seqs ({self.config.max_num_seqs}): the request's "
-                                 f"{params.beam_width} hypotheses run in one batch; got {params.beam_width}", field)
-        _check_token_ids(ids, params, min(slot.vocab_size for slot in slots))
-        max_model_len = min(slot.max_model_len for slot in slots)
-        room = max_model_len - len(ids)
-        if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):
-            raise ContextLengthExceeded(
-                f"this model's maximum context length is {max_model_len} tokens; the request has "
-                f"{len(ids)} prompt tokens and asks for {params.max_tokens} more"
-            )
-        max_tokens = room if params.max_tokens is None else params.max_tokens
-        for slot in slots:
-            self._check_fits_pool(slot, len(ids), max_tokens, params)
-        return max_tokens
-
-    def _check_fits_pool(self, slot: ModelSlot, num_prompt: int, max_tokens: int, params: SamplingParams) -> None:
-        # NOTE: a request that cannot fit the whole pool alone would wait forever; refuse it now.
-        bs, pool = self.config.block_size, slot.kv.pool
-        num_children = params.beam_width  # best_of, n or the beam width: the hypotheses that run at once
-        need = -(-(num_prompt + max_tokens) // bs)
-        if num_children > 1:  # children share the prompt's full blocks, each owns the rest
-            need = num_prompt // bs + num_children * (-(-(num_prompt % bs + max_tokens) // bs))
-        if need > pool.num_blocks:
-            raise ValueError(
-                f"the request needs up to {need} KV blocks ({num_children} sequence(s) of up to "
-                f"{num_prompt + max_tokens} tokens) but the cache of {slot.name!r} holds {pool.num_blocks}; lower "
-                "max_tokens or n"
-            )
 
     # ---- one step ------------------------------------------------------------------------
 

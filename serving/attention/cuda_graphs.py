@@ -15,8 +15,7 @@ import functools
 import torch
 from tqdm import tqdm
 
-from counterpoint.serving.attention import KVCache, block_table_tensor
-from counterpoint.serving.models.llama import LlamaForCausalLM
+from counterpoint.serving.attention.base import KVCache, block_table_tensor
 
 
 def default_batch_sizes(max_num_seqs: int, largest: int) -> list[int]:
@@ -27,7 +26,7 @@ def default_batch_sizes(max_num_seqs: int, largest: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache, backend, batch_sizes: list[int],
+    def __init__(self, model: torch.nn.Module, cache: KVCache, backend, batch_sizes: list[int],
                  max_context: int, device: torch.device, show_progress: bool = True):
         self.model, self.cache, self.backend, self.device = model, cache, backend, device
         self.batch_sizes = sorted(set(batch_sizes))

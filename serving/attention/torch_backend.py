@@ -1,89 +1,10 @@
-"""Attention over a paged KV cache behind a small backend interface.
-
-The runner builds one `AttentionMetadata` per step; the backend turns it once into whatever it
-needs (`prepare`), then `attend` is called for every layer. The torch backend here is the CPU
-path; the Triton backend plugs in behind the same two methods.
-"""
-
-from dataclasses import dataclass
+"""The CPU attention path in plain torch: decodes batched over a gathered, padded tile;
+prefill chunks one sequence at a time through scaled_dot_product_attention."""
 
 import torch
 import torch.nn.functional as F
 
-
-@dataclass(slots=True)
-class AttentionMetadata:
-    """One step's batch layout. Sequences are ordered decodes first (query length 1)."""
-
-    slot_mapping: torch.Tensor  # (T,) flat cache slot of each new token
-    block_tables: torch.Tensor  # (B, max_blocks) int64, padded with 0
-    query_lens: list[int]  # (B,) new tokens of each sequence this step
-    context_lens: list[int]  # (B,) tokens of each sequence once this step is done
-    num_decodes: int  # the first num_decodes sequences have query length 1
-    block_size: int
-
-
-def block_table_tensor(tables: list[list[int]], num_rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """(num_rows, longest table) on the host, each row padded with block 0; rows past the
-    tables are all block 0 (padding sequences)."""
-    width = max(map(len, tables))
-    rows = [table + [0] * (width - len(table)) for table in tables] + [[0] * width] * (num_rows - len(tables))
-    return torch.tensor(rows, dtype=dtype)
-
-
-class KVCache:
-    """K and V for every layer: (layers, 2, kv_heads, num_blocks, block_size, head_dim).
-
-    NOTE: head-major, so one head's block is a contiguous (block_size, head_dim) tile: gathering a
-    sequence's blocks yields (kv_heads, blocks·block_size, head_dim) ready for a matmul.
-    """
-
-    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
-        shape = (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
-        self.block_size = block_size
-
-    def layer(self, idx: int) -> torch.Tensor:
-        """(2, kv_heads, num_blocks, block_size, head_dim): K and V of one layer."""
-        return self.data[idx]
-
-    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write: block src's contents to block dst, in every layer."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.data.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.data.device)
-        self.data[:, :, :, dst] = self.data[:, :, :, src]
-
-
-class AttentionBackend:
-    """Base class: `prepare` once per step, then `attend` once per layer."""
-
-    def prepare(self, meta: AttentionMetadata, cache: KVCache) -> None:
-        raise NotImplementedError
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (T, Hq, D), k/v (T, Hkv, D) of the new tokens -> (T, Hq, D). Stores k/v in the cache."""
-        raise NotImplementedError
-
-
-BACKENDS: dict[str, type[AttentionBackend]] = {}
-
-
-def register_backend(name: str):
-    def wrap(cls):
-        BACKENDS[name] = cls
-        return cls
-
-    return wrap
-
-
-def create_backend(name: str, scale: float) -> AttentionBackend:
-    if name == "triton" and name not in BACKENDS:
-        import counterpoint.serving.triton_attention  # noqa: F401  (registers itself; needs triton)
-    if name not in BACKENDS:
-        raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}; got {name!r}")
-    return BACKENDS[name](scale)
+from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend
 
 
 @register_backend("torch")

@@ -1,7 +1,7 @@
 """Block tables of sequences over one model's BlockPool: prefix matching, growth, fork, free."""
 
-from counterpoint.serving.block_pool import BlockPool, chain_hash
-from counterpoint.serving.request import Sequence
+from counterpoint.serving.engine.block_pool import BlockPool, chain_hash
+from counterpoint.serving.engine.request import Sequence
 
 
 class KVManager:

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.serving.engine import Engine
-from counterpoint.serving.metrics import Metrics
-from counterpoint.serving.outputs import RequestOutput, snapshot
+from counterpoint.serving.engine.engine import Engine
+from counterpoint.serving.api.metrics import Metrics
+from counterpoint.serving.engine.outputs import RequestOutput, snapshot
 
 
 class QueueFull(RuntimeError):

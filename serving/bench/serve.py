@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import httpx
 from tqdm import tqdm
 
-from counterpoint.serving.bench_prompts import PROMPTS
+from counterpoint.serving.bench.prompts import PROMPTS
 
 
 @dataclass

@@ -2,43 +2,16 @@
 `bench latency`. Both print a table and can write JSON."""
 
 import json
-import random
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.serving.bench_serve import load_prompts, percentile
-from counterpoint.serving.cli import engine_kwargs
-
-
-@dataclass(frozen=True)
-class Workload:
-    prompts: list[list[int]]
-    output_lens: list[int]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return sum(self.output_lens)
-
-
-def random_workload(num_prompts: int, input_len: int, output_len: int, range_ratio: float, vocab_size: int,
-                    seed: int) -> Workload:
-    """Random-token prompts; lengths uniform in [len·(1−r), len·(1+r)], like vLLM's random dataset."""
-    rng = random.Random(seed)
-    span = lambda n: rng.randint(max(1, int(n * (1 - range_ratio))), max(1, int(n * (1 + range_ratio))))  # noqa: E731
-    low = min(100, vocab_size // 2)  # skip the first ids, where special tokens usually sit
-    prompts = [[rng.randrange(low, vocab_size) for _ in range(span(input_len))] for _ in range(num_prompts)]
-    return Workload(prompts, [span(output_len) for _ in range(num_prompts)])
-
-
-def bundled_workload(tokenizer, num_prompts: int, output_len: int, seed: int) -> Workload:
-    """The text prompts `bench serve` sends, so offline and served runs can be compared."""
-    prompts = [tokenizer.encode(p) for p in load_prompts(None, num_prompts, seed)]
-    return Workload(prompts, [output_len] * num_prompts)
+from counterpoint.serving.bench.serve import percentile
+from counterpoint.serving.bench.workload import Workload, bundled_workload, random_workload
+from counterpoint.serving.flags import engine_kwargs
 
 
 def run_counterpoint(llm, work: Workload) -> float:
@@ -67,7 +40,7 @@ def run_transformers(model, work: Workload, batch_size: int, pad_id: int) -> flo
 
 
 def throughput(args) -> dict:
-    from counterpoint.serving import LLM
+    from counterpoint.serving.llm import LLM
 
     results = []
     for concurrency in args.concurrency:
@@ -112,7 +85,7 @@ def _print_row(row: dict) -> None:
 
 
 def latency(args) -> dict:
-    from counterpoint.serving import LLM
+    from counterpoint.serving.llm import LLM
 
     llm = LLM(args.model, max_num_seqs=max(args.batch_size, 1), show_progress=False, **engine_kwargs(args))
     work = random_workload(args.batch_size, args.input_len, args.output_len, 0.0, llm.engine.main.vocab_size, args.seed)
@@ -131,11 +104,3 @@ def latency(args) -> dict:
                   per_token_ms=1000 * statistics.mean(times) / args.output_len)
     print(json.dumps(result, indent=2))
     return result
-
-
-def write_json(result: dict, path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {path}")
-

@@ -7,9 +7,9 @@ import time
 
 from fastapi.responses import StreamingResponse
 
-from counterpoint.serving import responses as R
-from counterpoint.serving.async_engine import StepFailed
-from counterpoint.serving.protocol import error_body
+from counterpoint.serving.api import responses as R
+from counterpoint.serving.api.async_engine import StepFailed
+from counterpoint.serving.api.errors import error_body
 
 
 def sse(gen) -> StreamingResponse:

@@ -2,10 +2,11 @@
 
 import torch
 
-from counterpoint.serving.attention import AttentionMetadata, KVCache, block_table_tensor, create_backend
-from counterpoint.serving.cuda_graphs import DecodeGraphs
+from counterpoint.serving.attention import create_backend
+from counterpoint.serving.attention.base import AttentionMetadata, KVCache, block_table_tensor
+from counterpoint.serving.attention.cuda_graphs import DecodeGraphs
 from counterpoint.serving.models.llama import LlamaForCausalLM
-from counterpoint.serving.scheduler import ScheduledSeq
+from counterpoint.serving.engine.scheduler import ScheduledSeq
 
 
 class ModelRunner:

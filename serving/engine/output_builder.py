@@ -6,9 +6,9 @@ import time
 import torch
 
 from counterpoint.decoding.selection import TokenChoice, describe
-from counterpoint.serving.detokenizer import find_stop
-from counterpoint.serving.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from counterpoint.serving.request import Hypothesis, Request
+from counterpoint.serving.engine.detokenizer import find_stop
+from counterpoint.serving.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from counterpoint.serving.engine.request import Hypothesis, Request
 
 
 def record_choice(request: Request, hyp: Hypothesis, choice: TokenChoice, tokenizer, max_model_len: int) -> None:

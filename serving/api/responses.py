@@ -2,7 +2,7 @@
 
 import time
 
-from counterpoint.serving.outputs import CompletionOutput, Logprob, RequestOutput
+from counterpoint.serving.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -61,3 +61,28 @@ def stream_text(o: CompletionOutput, stop_strings: list[str]) -> str:
 
 def num_completion_tokens(outputs: list[RequestOutput]) -> int:
     return sum(len(o.token_ids) for out in outputs for o in out.outputs)
+
+
+def completion_choice(index: int, out: RequestOutput, o: CompletionOutput, body, tokenizer) -> dict:
+    """One choice of a completions body; with `echo`, the prompt (and its logprobs) come first."""
+    prompt_text = out.prompt if out.prompt is not None else tokenizer.decode(out.prompt_token_ids)
+    text = (prompt_text if body.echo else "") + o.text
+    logprobs = None
+    if body.logprobs is not None:
+        entries, ids = list(o.logprobs or []), list(o.token_ids)
+        if body.echo:
+            entries, ids = list(out.prompt_logprobs or []) + entries, list(out.prompt_token_ids) + ids
+        logprobs = completion_logprobs(entries, ids, tokenizer)
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": o.finish_reason}
+    if body.return_decoding_info:
+        choice["decoding_info"] = decoding_info(o)
+    return choice
+
+
+def chat_choice(o: CompletionOutput, body) -> dict:
+    choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
+              "logprobs": chat_logprobs(o.logprobs, o.token_ids, body.top_logprobs or 0) if body.logprobs else None,
+              "finish_reason": o.finish_reason}
+    if body.return_decoding_info:
+        choice["decoding_info"] = decoding_info(o)
+    return choice

@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput and latency, served load, decoding methods and GPU kernels."""

@@ -1,0 +1,127 @@
+"""`counterpoint bench ...`: the benchmarks' flags, and the dispatch to each benchmark module."""
+
+import argparse
+import json
+
+from counterpoint.serving.flags import add_engine_flags, positive_int
+
+# The shape `bench kernels` times: Llama 3.2 1B with random weights.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                max_position_embeddings=4096)
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="offline benchmarks").add_subparsers(dest="bench", required=True)
+    t = bench.add_parser("throughput", help="output tokens/s against transformers' generate, in one run")
+    t.add_argument("--model", required=True)
+    t.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 64])
+    t.add_argument("--num-prompts", type=positive_int, default=None, help="default: 4 x concurrency, at least 8")
+    t.add_argument("--input-len", type=positive_int, default=128)
+    t.add_argument("--output-len", type=positive_int, default=128)
+    t.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len*(1-r)..len*(1+r)")
+    t.add_argument("--dataset", choices=["random", "bundled"], default="random",
+                   help="random-token prompts, or the bundled text prompts of bench serve (fixed output length)")
+    t.add_argument("--baseline", choices=["transformers", "none"], default="transformers")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--json", default=None, help="write the results here")
+    add_engine_flags(t)
+    srv = bench.add_parser("serve", help="load an OpenAI-compatible server (this one or another)")
+    srv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    srv.add_argument("--model", required=True, help="the served model id")
+    srv.add_argument("--api-key", default=None)
+    srv.add_argument("--num-prompts", type=positive_int, default=64)
+    srv.add_argument("--dataset", default=None, help='JSONL with {"prompt": ...} per line (default: bundled set)')
+    srv.add_argument("--output-len", type=positive_int, default=128)
+    load = srv.add_mutually_exclusive_group()
+    load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
+    load.add_argument("--max-concurrency", type=positive_int, default=None)
+    srv.add_argument("--seed", type=int, default=0)
+    srv.add_argument("--plot", default=None, help="write latency/throughput plots to this PNG")
+    srv.add_argument("--json", default=None)
+    lat = bench.add_parser("latency", help="end-to-end latency of one batch, time to first token")
+    lat.add_argument("--model", required=True)
+    lat.add_argument("--batch-size", type=positive_int, default=1)
+    lat.add_argument("--input-len", type=positive_int, default=128)
+    lat.add_argument("--output-len", type=positive_int, default=64)
+    lat.add_argument("--iters", type=positive_int, default=5)
+    lat.add_argument("--warmup", type=int, default=1)
+    lat.add_argument("--seed", type=int, default=0)
+    lat.add_argument("--json", default=None)
+    add_engine_flags(lat)
+    _decoding_bench_parsers(bench)
+
+
+def _decoding_bench_parsers(bench) -> None:
+    b = bench.add_parser("beam", help="beam search against transformers' beam search, in one run; KV blocks shared")
+    b.add_argument("--model", required=True)
+    b.add_argument("--widths", type=positive_int, nargs="+", default=[4, 8])
+    b.add_argument("--concurrency", type=positive_int, default=16, help="requests, all submitted at once")
+    c = bench.add_parser("contrastive", help="contrastive decoding tokens/s over greedy tokens/s, same expert")
+    c.add_argument("--model", required=True, help="the expert")
+    c.add_argument("--amateur", required=True)
+    c.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 16])
+    c.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
+    c.add_argument("--alpha", type=float, default=0.1)
+    c.add_argument("--beta", type=float, default=1.0)
+    _kernels_bench_parser(bench)
+    for p in (b, c):
+        p.add_argument("--input-len", type=positive_int, default=128)
+        p.add_argument("--output-len", type=positive_int, default=64)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--json", default=None)
+        add_engine_flags(p)
+
+
+def _shape_pair(text: str) -> tuple[int, int]:
+    batch, _, context = text.partition(":")
+    try:
+        return positive_int(batch), positive_int(context)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be BATCH:CONTEXT, e.g. 16:4096; got {text}") from err
+
+
+def _kernels_bench_parser(bench) -> None:
+    k = bench.add_parser("kernels", help="GPU: decode attention bandwidth and decode step time against bounds")
+    k.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    k.add_argument("--peak-gbs", type=float, default=3350.0, help="memory peak in GB/s (H100 SXM: 3350, H200: 4800)")
+    k.add_argument("--attention-shapes", type=_shape_pair, nargs="+", default=[(1, 32768), (16, 4096), (64, 2048)])
+    k.add_argument("--heads", type=positive_int, default=32)
+    k.add_argument("--kv-heads", type=positive_int, default=8)
+    k.add_argument("--head-dim", type=positive_int, default=128)
+    k.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16, 64])
+    k.add_argument("--input-len", type=positive_int, default=128)
+    k.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")
+    k.add_argument("--iters", type=positive_int, default=20)
+    k.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
+    k.add_argument("--json", default=None)
+    k.set_defaults(shape=LLAMA_1B)
+
+
+def run_bench(args) -> None:
+    from counterpoint.serving.bench import offline
+
+    if args.bench == "serve":
+        from counterpoint.serving.bench.serve import serve_benchmark
+
+        result = serve_benchmark(args)
+    elif args.bench in ("beam", "contrastive"):
+        from counterpoint.serving.bench import decoding
+
+        result = getattr(decoding, args.bench)(args)
+    elif args.bench == "kernels":
+        from counterpoint.serving.bench.kernels import kernels
+
+        result = kernels(args)
+    else:
+        result = offline.throughput(args) if args.bench == "throughput" else offline.latency(args)
+    write_json(result, args.json)
+
+
+def write_json(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {path}")
+
