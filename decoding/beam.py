@@ -1,4 +1,4 @@
-"""Beam search with transformers' semantics (DECODING.md, "Select").
+"""Beam search with transformers' semantics (decoding/README.md, "Select").
 
 One `BeamSearch` per request holds the running beams' scores, the `width` finished slots and the
 early-stopping state. Each step takes the processed log q of the running beams and returns which

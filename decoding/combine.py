@@ -1,4 +1,4 @@
-"""Combine a hypothesis' stream logits into one vector (DECODING.md section 1).
+"""Combine a hypothesis' stream logits into one vector (decoding/README.md, "Combine").
 
 Contrastive decoding (Li et al. 2023): c = log p_E − β·log p_A,τ on the expert's plausibility
 head V_head = {v : z_E(v) ≥ max z_E + ln α}, −inf elsewhere. Models whose embedding tables are

@@ -1,6 +1,6 @@
 """SamplingParams: every per-request decoding choice, validated on construction.
 
-Field names follow vLLM's, and the HTTP body's extensions use the same names (API.md).
+Field names follow vLLM's, and the HTTP body's extensions use the same names (serving/api/README.md).
 """
 
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ def _is_token_id(key) -> bool:
 
 @dataclass(slots=True)
 class ContrastiveParams:
-    """Contrastive decoding against an amateur model (Li et al. 2023); see DECODING.md."""
+    """Contrastive decoding against an amateur model (Li et al. 2023); see decoding/README.md."""
 
     amateur: str
     alpha: float = 0.1

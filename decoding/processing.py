@@ -1,4 +1,4 @@
-"""Process combined logits in the one order of DECODING.md section 2.
+"""Process combined logits in the one order of decoding/README.md, "Process".
 
 Every row keeps its own parameters. Sparse, per-row edits (bias, bans, penalties) loop over the
 rows that need them; the dense steps (temperature, top-k, top-p, min-p) run on the whole batch

@@ -1,4 +1,4 @@
-"""One decoding step for a batch of requests: combine, process, select (DESIGN.md)."""
+"""One decoding step for a batch of requests: combine, process, select (README.md, "How a request flows")."""
 
 from collections.abc import Callable
 from dataclasses import dataclass

@@ -29,10 +29,46 @@ def test_bad_flags_exit_2_with_one_line(llama_dir):
         proc = run("generate", "--model", str(llama_dir), "--prompt", "hi", *args)
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1].startswith("counterpoint")
+        assert f"usage: counterpoint generate" in proc.stderr  # the subcommand's usage, not the top level's
     proc = run("generate", "--model", "/nonexistent/model", "--prompt", "hi")
     assert proc.returncode == 2 and "config.json not found" in proc.stderr
     proc = run("serve", "--model", f"a={llama_dir}", "--model", f"a={llama_dir}")
     assert proc.returncode == 2 and "'a' is given twice" in proc.stderr.strip().splitlines()[-1]
+    proc = run("serve", "--kv-cache-memory", "-1")
+    assert proc.returncode == 2 and "--kv-cache-memory" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_serve_exits_2_when_a_model_cannot_be_loaded(tmp_path):
+    """A missing path is one line before the server starts; a model that fails while loading (here:
+    a config with no weights) stops the server with exit code 2 rather than leaving it up on 503."""
+    proc = run("serve", "--model", str(tmp_path / "missing"), "--port", "0", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"counterpoint: error: {tmp_path / 'missing'} is not a Hugging "
+                                                "Face model directory: config.json not found"]
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                vocab_size=300).save_pretrained(tmp_path / "no-weights")
+    proc = run("serve", "--model", str(tmp_path / "no-weights"), "--port", "0", timeout=120)
+    assert proc.returncode == 2 and "loading the models failed: no .safetensors files" in proc.stderr
+
+
+def test_every_flag_has_help():
+    import argparse
+
+    from counterpoint.serving.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield from walk(child, f"{path} {name}")
+            elif action.option_strings and action.dest != "help":
+                yield path, action
+
+    missing = [f"{path} {action.option_strings[0]}" for path, action in walk(build_parser(), "counterpoint")
+               if not action.help]
+    assert not missing, "flags without help: " + ", ".join(missing)
 
 
 def test_bench_throughput_writes_json(llama_dir, tmp_path):
@@ -81,3 +117,13 @@ def test_bench_beam_and_contrastive_write_json(llama_dir, amateur_dir, tmp_path)
                "1", "2", *small, str(tmp_path / "cd.json"))
     assert proc.returncode == 0, proc.stderr
     assert [r["concurrency"] for r in json.loads((tmp_path / "cd.json").read_text())["results"]] == [1, 2]
+
+
+def test_help_does_not_import_torch():
+    """`counterpoint --help` must answer fast: the CLI imports heavy modules only in a subcommand."""
+    code = "import sys\nfrom counterpoint.serving.cli import build_parser\nbuild_parser()\n" \
+           "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+

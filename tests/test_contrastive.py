@@ -1,4 +1,4 @@
-"""Contrastive decoding against slow reference loops written here from the DECODING.md formula
+"""Contrastive decoding against slow reference loops written here from the formula of decoding/README.md
 with two transformers models (no engine code), and the errors a request can get."""
 
 import math

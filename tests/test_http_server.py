@@ -149,7 +149,13 @@ def test_error_statuses(llama_dir):
         assert err.value.body["param"] == "temperature"
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt=[5] * 80, max_tokens=4)
-        assert err.value.body["code"] == "context_length_exceeded"
+        assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "prompt"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi " * 80}])
+        assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "messages"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=[], max_tokens=4)
+        assert err.value.body["param"] == "prompt"
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt="hi", extra_body={"contrastive": {"amateur": "nope"}})
         assert err.value.body["param"] == "contrastive.amateur" and "'nope' is not served" in err.value.body["message"]
@@ -181,6 +187,40 @@ def test_error_statuses(llama_dir):
         assert tokens["count"] == len(tokens["tokens"]) and text["prompt"] == "Paris is"
     finally:
         server.stop()
+
+
+def test_every_error_is_openai_json_and_tokenize_defaults_the_model(server):
+    headers = {"content-type": "application/json"}
+    for method, path, status in (("GET", "/v1/nothing", 404), ("POST", "/nothing", 404),
+                                 ("GET", "/v1/completions", 405), ("DELETE", "/v1/models", 405)):
+        resp = httpx.request(method, server.url + path, headers=headers)
+        assert resp.status_code == status
+        error = resp.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and path in error["message"]
+    for path in ("/tokenize", "/v1/tokenize"):
+        tokens = httpx.post(server.url + path, json={"prompt": "Paris is"}).json()
+        assert tokens["tokens"] == httpx.post(server.url + "/tokenize", json={"model": MODEL,
+                                                                              "prompt": "Paris is"}).json()["tokens"]
+    assert httpx.post(server.url + "/v1/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"] == "Paris is"
+
+
+def test_top_logprobs_always_hold_the_chosen_token(server):
+    """As in OpenAI and vLLM: a sampled token outside the top k is listed too (k + 1 entries)."""
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt=[5, 17, 33], max_tokens=12, temperature=1.5, seed=0,
+                                     logprobs=1, echo=True, extra_body={"ignore_eos": True})
+    lp = resp.choices[0].logprobs
+    outside = 0
+    for token, logprob, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert len(top) <= 2 and token in top
+        if "\ufffd" not in token:  # NOTE: partial UTF-8 pieces share a text, so their entries collapse
+            assert top[token] == logprob
+        outside += len(top) == 2
+    assert outside > 0  # at temperature 1.5 on a random model, some sampled tokens are not the argmax
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                          temperature=1.5, seed=0, logprobs=True, top_logprobs=1)
+    for entry in chat.choices[0].logprobs.content:
+        assert entry.token in [t.token for t in entry.top_logprobs] and len(entry.top_logprobs) <= 2
 
 
 def test_chat_content_parts_and_unsupported_openai_features(server, offline):
@@ -383,7 +423,10 @@ def test_sigterm_drains_in_flight_requests(llama_dir):
         assert finish == "length"
         # uvicorn re-raises the signal once its graceful shutdown is done, so -SIGTERM is a clean exit.
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
-        assert "Finished server process" in proc.stdout.read()
+        log = proc.stdout.read()
+        assert "Finished server process" in log
+        assert f"ready: serving {MODEL} on {url}" in log  # after the model loaded and the socket listens
+        assert f"loaded {MODEL} from {llama_dir}: float32" in log and "KV blocks of 16 tokens" in log
     finally:
         proc.kill()
 

@@ -249,5 +249,5 @@ def test_bench_kernels_runs_end_to_end_at_toy_size():
                      heads=4, kv_heads=2, head_dim=64, batch_sizes=[1, 2], input_len=8, steps=2, iters=1, shape=tiny)
     result = kernels(args)
     assert [r["batch"] for r in result["decode"]] == [1, 2]
-    assert all(r["counterpoint_ms"] > 0 and r["transformers_ms"] > 0 for r in result["decode"])
+    assert all(r["counterpoint_ms"] > 0 and r["transformers_ms"] >= 0 for r in result["decode"])
     assert result["attention"][0]["triton_kv_gb_s"] > 0 and result["attention"][0]["torch_us"] > 0

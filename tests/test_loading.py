@@ -47,6 +47,25 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path, tokenizer_d
         LLM(str(tmp_path), show_progress=False)
 
 
+def test_kv_cache_is_sized_from_what_the_config_can_use_and_logged(llama_dir, caplog):
+    """Auto: every sequence at full length (max_num_seqs x max_model_len) unless memory is short;
+    a size in GiB is divided by the bytes of one block, from the model's config."""
+    import logging
+
+    from transformers import AutoConfig
+
+    with caplog.at_level(logging.INFO, logger="counterpoint"):
+        llm = LLM(str(llama_dir), show_progress=False, max_num_seqs=3, max_model_len=40)
+    assert llm.engine.main.kv.pool.num_blocks == 3 * 3  # ceil(40 / 16) blocks per sequence
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded "))
+    assert "9 KV blocks of 16 tokens" in line and "float32" in line and "capped at max_num_seqs" in line
+    cfg = AutoConfig.from_pretrained(llama_dir)
+    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    block_bytes = 2 * cfg.num_hidden_layers * kv_heads * head_dim * 16 * 4  # K and V, float32
+    llm = LLM(str(llama_dir), show_progress=False, kv_cache_memory_gib=20 * block_bytes / 2**30 + 1e-9)
+    assert llm.engine.main.kv.pool.num_blocks == 20
+
+
 def test_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         LLM(str(tmp_path / "nothing"), show_progress=False)

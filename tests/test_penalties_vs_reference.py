@@ -1,5 +1,5 @@
 """Greedy decoding with bias, min_tokens and penalties against a slow loop written here from
-DECODING.md section 2, on transformers' logits."""
+decoding/README.md, "Process", on transformers' logits."""
 
 import pytest
 import torch

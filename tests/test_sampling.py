@@ -1,5 +1,5 @@
 """Sampling: seeded reproducibility, independence from the batch, and frequencies that match
-the processed distribution computed here from the DECODING.md formulas."""
+the processed distribution computed here from the formulas of decoding/README.md."""
 
 import pytest
 import torch
@@ -41,7 +41,7 @@ def test_a_tiny_temperature_samples_the_greedy_token(llama_dir, llm):
 
 
 def reference_distribution(logits: torch.Tensor, temperature, top_k, top_p, min_p) -> torch.Tensor:
-    """A slow, literal reading of DECODING.md steps 5-8 over one row."""
+    """A slow, literal reading of decoding/README.md, "Process", steps 5-8 over one row."""
     z = (logits / temperature).tolist()
     order = sorted(range(len(z)), key=lambda v: -z[v])
     keep = set(order[:top_k] if top_k > 0 else order)

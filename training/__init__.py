@@ -1,1 +1,1 @@
-"""The training module: produces the checkpoints the server serves (TRAINING.md)."""
+"""The training module: produces the checkpoints the server serves (training/README.md)."""

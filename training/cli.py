@@ -11,7 +11,8 @@ def add_train_parser(sub) -> None:
     imp = train.add_parser("import-gguf", help="a GGUF file to a Hugging Face directory")
     imp.add_argument("file", help="the .gguf file")
     imp.add_argument("out", help="output directory")
-    imp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    imp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                     help="dtype of the written weights")
     merge = train.add_parser("merge", help="merge models from a mergekit-style YAML config")
     merge.add_argument("config", help="YAML file: merge_method, slices, dtype")
     merge.add_argument("out", help="output directory")
@@ -25,22 +26,22 @@ def add_train_parser(sub) -> None:
     ppl = train.add_parser("perplexity", help="held-out perplexity of models on the same text")
     ppl.add_argument("models", nargs="+")
     ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
-    ppl.add_argument("--seq-len", type=int, default=256)
-    ppl.add_argument("--max-rows", type=int, default=64)
+    ppl.add_argument("--seq-len", type=int, default=256, help="tokens per row")
+    ppl.add_argument("--max-rows", type=int, default=64, help="rows of held-out text scored")
 
 
 def _add_loop_flags(p, steps: int) -> None:
     p.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--max-corpus-bytes", type=int, default=4_000_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per training row")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=30, help="warm-up steps before the cosine decay")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation runs")
+    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
+    p.add_argument("--max-corpus-bytes", type=int, default=4_000_000, help="read at most this much text")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -54,9 +55,9 @@ def _distill_parser(train) -> None:
     p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
     p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="student size preset")
     p.add_argument("--init-layers", type=int, default=None, help="start from the teacher's first K layers instead")
-    p.add_argument("--w-ce", type=float, default=0.5)
-    p.add_argument("--w-kl", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--w-ce", type=float, default=0.5, help="weight of the cross-entropy on the data")
+    p.add_argument("--w-kl", type=float, default=0.5, help="weight of the KL to the teacher")
+    p.add_argument("--temperature", type=float, default=2.0, help="distillation temperature T")
     p.add_argument("--w-hidden", type=float, default=0.0,
                    help="hidden-state MSE through a projection (dropped on save)")
     _add_loop_flags(p, steps=300)
@@ -66,7 +67,7 @@ def _pretrain_parser(train) -> None:
     p = train.add_parser("pretrain", help="train a BPE tokenizer and a Llama model from text files")
     p.add_argument("out", help="output directory (also holds checkpoint.pt for --resume)")
     p.add_argument("--config", dest="preset", default="tiny", choices=sorted(PRESETS), help="size preset")
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
     _add_loop_flags(p, steps=300)
 
 

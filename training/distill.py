@@ -1,4 +1,4 @@
-"""`distill`: a student trained from a teacher that shares its vocabulary (TRAINING.md).
+"""`distill`: a student trained from a teacher that shares its vocabulary (training/README.md).
 
 loss = w_ce·CE + w_kl·T²·KL(softmax(z_t/T) ‖ softmax(z_s/T)) [+ w_hidden·MSE(P·h_s, h_t)], with
 the teacher in inference mode. The student starts from scratch at a size preset, or from a

@@ -43,11 +43,13 @@ class _Submission:
 
 class AsyncEngine:
     def __init__(self, engine: Engine | Callable[[], Engine], max_queue: int | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, on_load_error: Callable[[BaseException], None] | None = None):
         """`engine` may be a factory: the model then loads in the loop thread while the server
-        already answers (/health says 503 until it is ready)."""
+        already answers (/health says 503 until it is ready). If loading fails, `on_load_error`
+        gets the error (the CLI exits with it); without one, the thread raises it."""
         self.engine = engine if isinstance(engine, Engine) else None
         self._factory = None if isinstance(engine, Engine) else engine
+        self._on_load_error = on_load_error
         self.max_queue = max_queue
         self.metrics = metrics
         self._inbox: queue.Queue = queue.Queue()
@@ -107,9 +109,9 @@ class AsyncEngine:
         self._thread.join(timeout + 5)
 
     def _run(self) -> None:
+        if self.engine is None and not self._load():
+            return
         try:
-            if self.engine is None:
-                self.engine = self._factory()
             while not self._stop.is_set():
                 self._take_inbox(block=not self.engine.has_unfinished_requests())
                 self._step()
@@ -118,6 +120,17 @@ class AsyncEngine:
             for sub in list(self._sinks.values()):
                 sub.loop.call_soon_threadsafe(sub.sink.put_nowait, RuntimeError("the engine loop failed"))
             raise
+
+    def _load(self) -> bool:
+        try:
+            self.engine = self._factory()
+            return True
+        except BaseException as err:
+            self.error = err
+            if self._on_load_error is None:
+                raise
+            self._on_load_error(err)
+            return False
 
     def _step(self) -> None:
         try:

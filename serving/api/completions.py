@@ -23,8 +23,8 @@ async def completions(body: CompletionRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
     params = _params(body)
-    prompts = _or_400(body.prompts)
-    streams = [await _started(server.engine.generate(p, params, "cmpl", body.model)) for p in prompts]
+    prompts = _or_400(body.prompts, "prompt")
+    streams = [await _started(server.engine.generate(p, params, "cmpl", body.model), "prompt") for p in prompts]
     rid = f"cmpl-{uuid.uuid4().hex}"
     if body.stream:
         return sse(stream_completion(rid, body, params, streams, body.model, tokenizer))
@@ -41,7 +41,7 @@ async def chat(body: ChatCompletionRequest, request: Request):
     tokenizer = server.tokenizer(body.model)
     params = _params(body)
     prompt = chat_prompt(tokenizer, body.message_dicts(), tokenize=False)
-    stream = await _started(server.engine.generate(prompt, params, "chat", body.model))
+    stream = await _started(server.engine.generate(prompt, params, "chat", body.model), "messages")
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         return sse(stream_chat(rid, body, params, stream, body.model))
@@ -51,11 +51,11 @@ async def chat(body: ChatCompletionRequest, request: Request):
             "usage": R.usage(len(out.prompt_token_ids), R.num_completion_tokens([out]))}
 
 
-def _or_400(fn):
+def _or_400(fn, param: str):
     try:
         return fn()
     except ValueError as err:
-        raise APIError(400, str(err)) from err
+        raise APIError(400, str(err), param=param) from err
 
 
 def _params(body):
@@ -85,11 +85,12 @@ class _Started:
         await self.gen.aclose()
 
 
-async def _started(gen) -> _Started:
+async def _started(gen, prompt_field: str) -> _Started:
+    """`prompt_field` names the field a too-long prompt came in: prompt or messages."""
     try:
         return _Started(gen, await gen.__anext__())
     except ContextLengthExceeded as err:
-        raise APIError(400, str(err), param="messages", code="context_length_exceeded") from err
+        raise APIError(400, str(err), param=prompt_field, code="context_length_exceeded") from err
     except NotImplementedError as err:
         raise APIError(400, str(err), code="not_supported") from err
     except ValueError as err:

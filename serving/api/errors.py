@@ -4,6 +4,7 @@ code}}`, never a stack trace."""
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
 
 
 def error_body(message: str, err_type: str = "invalid_request_error", param: str | None = None,
@@ -21,6 +22,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_, err: APIError):
         return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        """Unknown routes (404) and methods (405), in the same shape as every other error."""
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(error_body(message), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, err: RequestValidationError):

@@ -1,4 +1,4 @@
-"""Prometheus metrics with vLLM's names under the `counterpoint:` prefix (API.md).
+"""Prometheus metrics with vLLM's names under the `counterpoint:` prefix (serving/api/README.md).
 
 Updated from the engine thread: once per step for gauges and cache counters, once per output
 for token counts and latencies. Every series carries `model_name`.

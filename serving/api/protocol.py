@@ -1,6 +1,6 @@
 """OpenAI-compatible request bodies (pydantic) and their translation to SamplingParams.
 
-Standard fields follow the OpenAI API; the extensions of API.md sit beside them at the top level
+Standard fields follow the OpenAI API; the extensions of serving/api/README.md sit beside them at the top level
 (the OpenAI SDK sends them through `extra_body`).
 """
 
@@ -30,7 +30,7 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
-    # Extensions (API.md).
+    # Extensions (serving/api/README.md).
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -152,12 +152,12 @@ class ChatCompletionRequest(_Common):
 
 
 class TokenizeRequest(BaseModel):
-    model: str
+    model: str | None = None  # default: the first served model, as in vLLM
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(BaseModel):
-    model: str
+    model: str | None = None
     tokens: list[int]

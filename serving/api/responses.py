@@ -29,8 +29,8 @@ def completion_logprobs(entries: list[dict[int, Logprob] | None], token_ids: lis
             top.append(None)
             continue
         token_logprobs.append(entry[token_id].logprob)
-        top.append({lp.decoded_token: lp.logprob for tid, lp in entry.items() if tid != token_id or lp.rank == 1}
-                   or {entry[token_id].decoded_token: entry[token_id].logprob})
+        # NOTE: the chosen token is always listed, as OpenAI and vLLM do: up to logprobs + 1 entries.
+        top.append({lp.decoded_token: lp.logprob for lp in entry.values()})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -39,6 +39,8 @@ def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], num_t
     for token_id, entry in zip(token_ids, entries):
         chosen = entry[token_id]
         alternatives = sorted(entry.values(), key=lambda lp: -lp.logprob)[:num_top]
+        if num_top and chosen not in alternatives:  # the chosen token is always listed (num_top + 1 at most)
+            alternatives.append(chosen)
         content.append({
             "token": chosen.decoded_token, "logprob": chosen.logprob,
             "bytes": list(chosen.decoded_token.encode()),

@@ -43,6 +43,7 @@ async def models(request: Request):
 
 
 @router.post("/tokenize", dependencies=keyed)
+@router.post("/v1/tokenize", dependencies=keyed)
 async def tokenize(body: TokenizeRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
@@ -57,6 +58,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 
 @router.post("/detokenize", dependencies=keyed)
+@router.post("/v1/detokenize", dependencies=keyed)
 async def detokenize(body: DetokenizeRequest, request: Request):
     tokenizer = state(request).tokenizer(body.model)
     return {"prompt": tokenizer.decode(body.tokens)}

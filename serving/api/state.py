@@ -14,15 +14,16 @@ class ServerState:
     served: list[str]  # the model ids, the default first
     api_key: str | None
 
-    def tokenizer(self, name: str):
-        """The tokenizer of a served model, or a 404."""
+    def tokenizer(self, name: str | None):
+        """The tokenizer of a served model (None: the default one), or a 404."""
+        name = name or self.served[0]
         if name not in self.served:
             raise APIError(404, f"model {name!r} does not exist; served: {', '.join(self.served)}", param="model",
                            code="model_not_found")
         return self.engine.engine.slots[name].tokenizer
 
-    def max_model_len(self, name: str) -> int:
-        return self.engine.engine.slots[name].max_model_len
+    def max_model_len(self, name: str | None) -> int:
+        return self.engine.engine.slots[name or self.served[0]].max_model_len
 
 
 def state(request: Request) -> ServerState:

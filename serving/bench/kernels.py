@@ -108,24 +108,39 @@ def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: 
     return elapsed / args.steps * 1e3
 
 
+class _StepClock:
+    """A generate() streamer that notes the time each new token comes out, so decode steps are
+    timed directly (not as a difference of two runs, which load on the machine can make negative)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def put(self, _tokens) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def _transformers_step_ms(model, device: torch.device, batch: int, args) -> float:
     prompts = random_workload(batch, args.input_len, 1, 0.0, model.config.vocab_size, 0).prompts
     ids = torch.tensor(prompts, device=device)
     model.generation_config.eos_token_id = None
 
-    def generate(n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def generate(n: int) -> list[float]:
+        clock = _StepClock(device)
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+                           do_sample=False, pad_token_id=0, streamer=clock)
+        return clock.times
 
     generate(2)  # warm-up
-    return (generate(args.steps + 1) - generate(1)) / args.steps * 1e3
+    # NOTE: put() is called with the prompt, then once per new token; from the first new token on,
+    # each gap is one decode step.
+    times = generate(args.steps + 1)[1:]
+    return (times[-1] - times[0]) / (len(times) - 1) * 1e3
 
 
 def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:

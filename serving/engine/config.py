@@ -15,7 +15,7 @@ class EngineConfig:
     device: str = "auto"
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory_gib: float = 2.0
+    kv_cache_memory_gib: float | None = None  # None: auto (model_slot.kv_cache_budget)
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
@@ -30,7 +30,7 @@ class EngineConfig:
         checks = [
             ("block_size", self.block_size in (8, 16, 32, 64, 128), "one of 8, 16, 32, 64, 128"),
             ("num_blocks", self.num_blocks is None or self.num_blocks > 0, "a positive integer"),
-            ("kv_cache_memory_gib", self.kv_cache_memory_gib > 0, "> 0"),
+            ("kv_cache_memory_gib", self.kv_cache_memory_gib is None or self.kv_cache_memory_gib > 0, "> 0"),
             ("max_num_seqs", self.max_num_seqs > 0, "a positive integer"),
             ("max_num_batched_tokens", self.max_num_batched_tokens is None or self.max_num_batched_tokens > 0,
              "a positive integer"),

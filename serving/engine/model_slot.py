@@ -1,6 +1,8 @@
 """A loaded model under a served name, with its tokenizer, KV block pool and runner."""
 
 import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,9 @@ from counterpoint.serving.engine.model_runner import ModelRunner
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
 from counterpoint.serving.models.llama import LlamaForCausalLM
 from counterpoint.serving.models.shape import LlamaShape
+
+logger = logging.getLogger("counterpoint")
+CPU_KV_SHARE = 0.05  # of physical memory, per model, when the KV cache size is not given
 
 
 @dataclass
@@ -41,17 +46,19 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = _max_model_len(LlamaShape.from_hf(hf_config), config)
     model = load_model(path, dtype, device, max_model_len, show_progress=config.show_progress)
-    num_blocks = _num_blocks(model, dtype, config, max_model_len)
+    num_blocks, reason = _num_blocks(model, dtype, config, max_model_len)
     s = model.shape
     cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)
     pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
     tokenizer = AutoTokenizer.from_pretrained(path)
     max_model_len = min(max_model_len, num_blocks * config.block_size)
     runner = _runner(name, model, cache, config, max_model_len)
-    return ModelSlot(
+    slot = ModelSlot(
         name=name, path=path, model=model, tokenizer=tokenizer, eos_ids=_eos_ids(path, hf_config, tokenizer),
         max_model_len=max_model_len, kv=KVManager(pool), runner=runner,
     )
+    logger.info(_describe(slot, dtype, reason))
+    return slot
 
 
 def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineConfig,
@@ -81,14 +88,39 @@ def _max_model_len(shape: LlamaShape, config: EngineConfig) -> int:
     return config.max_model_len
 
 
-def _num_blocks(model: LlamaForCausalLM, dtype: torch.dtype, config: EngineConfig, max_model_len: int) -> int:
+def _num_blocks(model: LlamaForCausalLM, dtype: torch.dtype, config: EngineConfig,
+                max_model_len: int) -> tuple[int, str]:
+    """KV blocks of this model's pool, and why that many (for the log)."""
     if config.num_blocks is not None:
-        return config.num_blocks
+        return config.num_blocks, "num_blocks"
     bytes_per_block = model.shape.kv_bytes_per_token * config.block_size * torch.finfo(dtype).bits // 8
-    by_memory = int(config.kv_cache_memory_gib * 2**30 // bytes_per_block)
     # No point holding more than every sequence at full length could use.
     enough = config.max_num_seqs * -(-max_model_len // config.block_size)
-    return max(1, min(by_memory, enough))
+    if config.kv_cache_memory_gib is not None:
+        by_memory, source = int(config.kv_cache_memory_gib * 2**30 // bytes_per_block), "kv_cache_memory"
+    else:
+        by_memory, source = int(kv_cache_budget(config.torch_device) // bytes_per_block), "auto"
+    if enough <= by_memory:
+        return max(1, enough), f"{source}, capped at max_num_seqs x max_model_len"
+    return max(1, by_memory), source
+
+
+def kv_cache_budget(device: torch.device) -> int:
+    """Bytes of KV cache per model when none is asked for: on the CPU a share of the machine's
+    memory (the cache is allocated in full, so it is resident), on CUDA a fixed 2 GiB."""
+    if device.type == "cuda":
+        return 2 * 2**30
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(CPU_KV_SHARE * physical)
+
+
+def _describe(slot: ModelSlot, dtype: torch.dtype, num_blocks_reason: str) -> str:
+    pool, cache = slot.kv.pool, slot.runner.cache
+    params = sum(p.numel() for p in slot.model.parameters())
+    kv_bytes = cache.data.numel() * cache.data.element_size()
+    return (f"loaded {slot.name} from {slot.path}: {str(dtype).removeprefix('torch.')}, {params / 1e6:.1f}M "
+            f"parameters, max_model_len {slot.max_model_len}, {pool.num_blocks} KV blocks of {pool.block_size} "
+            f"tokens ({kv_bytes / 2**30:.2f} GiB; {num_blocks_reason})")
 
 
 def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:

@@ -67,7 +67,7 @@ def _logprob_entry(token, logprob, rank, top, tokenizer) -> dict[int, Logprob]:
 
 
 def record_prompt_logprobs(request: Request, logits: dict[int, torch.Tensor], tokenizer) -> None:
-    """Append the raw log_softmax of each newly computed prompt position (DECODING.md, Logprobs)."""
+    """Append the raw log_softmax of each newly computed prompt position (decoding/README.md, "Logprobs")."""
     seq = request.hypotheses[0].seqs["main"] if request.hypotheses else None
     if seq is None or seq.seq_id not in logits:
         return

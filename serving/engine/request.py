@@ -1,4 +1,4 @@
-"""Request, Hypothesis and Sequence: the engine's object model (DESIGN.md, "Core objects").
+"""Request, Hypothesis and Sequence: the engine's object model (serving/engine/README.md).
 
 A request holds hypotheses; a hypothesis holds one sequence per stream (`main`, plus `amateur`
 for contrastive decoding and `no_context` for context contrast). The scheduler and the runner
