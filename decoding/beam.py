@@ -6,6 +6,7 @@ candidates run on and which enter the finished slots. The arithmetic mirrors tra
 vectorised beam search (float32, the ±1e9 sentinels, top-k order), so ties resolve the same way.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -89,7 +90,7 @@ class BeamSearch:
 
     def _update_finished(self, top_scores, candidates, hits, length, make_finished) -> None:
         eligible = hits & (torch.arange(len(candidates)) < self.width)
-        scores = top_scores / (length**self.length_penalty)
+        scores = penalised(top_scores, length, self.length_penalty)
         if self.early_stopping is True and bool(self.finished_real.all()):
             scores = scores + NEG
         if not self.improvable:
@@ -107,6 +108,15 @@ class BeamSearch:
     def _update_improvable(self, length: int) -> None:
         if self.early_stopping == "never" and self.length_penalty > 0:
             length = self.max_tokens
-        best_running = self.running_scores[:1] / (length**self.length_penalty)
+        best_running = penalised(self.running_scores[:1], length, self.length_penalty)
         worst = torch.where(self.finished_real, self.finished_scores.min(), NEG)
         self.improvable = self.improvable and bool((best_running > worst).any())
+
+
+def penalised(scores: torch.Tensor, length: int, length_penalty: float) -> torch.Tensor:
+    """scores / length**length_penalty, for any finite penalty. NOTE: the factor is capped at
+    e^±80 (exact below |penalty·ln length| = 80), so it cannot overflow, and the result is kept
+    well above the NEG sentinel, so an extreme penalty can neither push a finished beam out of its
+    slot in favour of an empty one nor end the search before any beam has finished."""
+    exponent = max(-80.0, min(80.0, length_penalty * math.log(length)))
+    return (scores / math.exp(exponent)).clamp(min=NEG / 10)

@@ -10,6 +10,7 @@ import math
 import torch
 
 from counterpoint.decoding.params import ContrastiveParams
+from counterpoint.decoding.processing import safe_divisor
 
 PAD_SCORE = -1.0e4  # score of tokens added to a too-small head so beam search has enough candidates
 # Amateur log-probabilities below this are 0 in float32 anyway; the floor keeps an extreme τ finite.
@@ -28,7 +29,7 @@ def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[Contra
     dev = z_e.device
     alpha = torch.tensor([p.alpha for p in params], device=dev)[:, None]
     beta = torch.tensor([p.beta for p in params], device=dev)[:, None]
-    tau = torch.tensor([p.amateur_temperature for p in params], device=dev)[:, None]
+    tau = safe_divisor(torch.tensor([p.amateur_temperature for p in params], device=dev)[:, None])
     log_p_e = torch.log_softmax(z_e, dim=-1)
     # NOTE: shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN)
     log_p_a = torch.log_softmax((z_a - z_a.max(dim=-1, keepdim=True).values) / tau, dim=-1).clamp(min=LOG_FLOOR)

@@ -3,7 +3,8 @@
 Field names follow vLLM's, and the HTTP body's extensions use the same names (serving/api/README.md).
 """
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import MISSING, dataclass, field, fields
 
 MAX_LOGPROBS = 20
 
@@ -13,9 +14,19 @@ def _check(ok: bool, name: str, expected: str, got) -> None:
         raise ValueError(f"{name} must be {expected}; got {got!r}")
 
 
+def _check_reals(obj, names: tuple[str, ...], prefix: str = "") -> None:
+    """Each named field is a finite real number (NOTE: an inf, a NaN or a string would fail later,
+    inside an engine step, for the whole batch)."""
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _check(ok, prefix + name, "a finite number", value)
+
+
 def _is_token_id(key) -> bool:
     """An int, or its decimal string as JSON object keys carry it."""
-    return (isinstance(key, int) and key >= 0) or (isinstance(key, str) and key.isdigit())
+    return (isinstance(key, int) and not isinstance(key, bool) and key >= 0) or \
+        (isinstance(key, str) and key.isascii() and key.isdecimal())
 
 
 @dataclass(slots=True)
@@ -30,6 +41,7 @@ class ContrastiveParams:
     def __post_init__(self):
         _check(isinstance(self.amateur, str) and bool(self.amateur), "contrastive.amateur", "a served model id",
                self.amateur)
+        _check_reals(self, ("alpha", "beta", "amateur_temperature"), "contrastive.")
         _check(0 < self.alpha <= 1, "contrastive.alpha", "in (0, 1]", self.alpha)
         _check(self.beta >= 0, "contrastive.beta", ">= 0", self.beta)
         _check(self.amateur_temperature > 0, "contrastive.amateur_temperature", "> 0", self.amateur_temperature)
@@ -47,6 +59,7 @@ class ContextContrastParams:
     min_alpha: float = 0.0
 
     def __post_init__(self):
+        _check_reals(self, ("alpha", "min_alpha"), "context_contrast.")
         _check(self.method in CONTEXT_CONTRAST_METHODS, "context_contrast.method",
                f"one of {', '.join(CONTEXT_CONTRAST_METHODS)}", self.method)
         _check(self.alpha >= 0, "context_contrast.alpha", ">= 0", self.alpha)
@@ -84,15 +97,15 @@ class SamplingParams:
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self):
+        _check_reals(self, ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                            "frequency_penalty", "length_penalty"))
         self._check_counts()
         self._check_sampling()
         self._check_penalties()
         self._check_outputs()
         self._check_beam_search()
-        if isinstance(self.contrastive, dict):
-            self.contrastive = ContrastiveParams(**self.contrastive)
-        if isinstance(self.context_contrast, dict):
-            self.context_contrast = ContextContrastParams(**self.context_contrast)
+        self.contrastive = _nested(ContrastiveParams, self.contrastive, "contrastive")
+        self.context_contrast = _nested(ContextContrastParams, self.context_contrast, "context_contrast")
         if self.contrastive is not None and self.context_contrast is not None:
             raise ValueError("contrastive and context_contrast cannot be combined in one request")
 
@@ -128,6 +141,8 @@ class SamplingParams:
             keys = list(self.logit_bias)
             _check(all(_is_token_id(k) for k in keys), "logit_bias", "keyed by token ids (integers >= 0)",
                    next((k for k in keys if not _is_token_id(k)), None))
+            _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in self.logit_bias.values()),
+                   "logit_bias", "numbers as values", list(self.logit_bias.values())[:1])
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
             bad = [v for v in self.logit_bias.values() if not -100 <= v <= 100]
             _check(not bad, "logit_bias", "values in [-100, 100]", bad[:1])
@@ -148,7 +163,6 @@ class SamplingParams:
     def _check_beam_search(self):
         _check(self.early_stopping in (True, False, "never"), "early_stopping", 'true, false or "never"',
                self.early_stopping)
-        _check(isinstance(self.length_penalty, (int, float)), "length_penalty", "a number", self.length_penalty)
 
     @property
     def is_greedy(self) -> bool:
@@ -161,3 +175,17 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+
+def _nested(cls, value, name: str):
+    """A dict becomes `cls`; unknown or missing keys are errors that name `name.<key>`."""
+    if value is None or isinstance(value, cls):
+        return value
+    _check(isinstance(value, dict), name, "an object", value)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(value) - known)
+    _check(not unknown, f"{name}.{unknown[0] if unknown else ''}", f"one of the fields {', '.join(sorted(known))}",
+           value.get(unknown[0]) if unknown else None)
+    required = [f.name for f in fields(cls) if f.default is MISSING and f.name not in value]
+    _check(not required, f"{name}.{required[0] if required else ''}", "given (it is required)", None)
+    return cls(**value)

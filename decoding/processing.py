@@ -62,11 +62,12 @@ def _penalties(z: torch.Tensor, row: Row) -> None:
 def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Steps 5-8 for sampling rows: temperature, top-k, top-p, min-p (filtered tokens -> -inf)."""
     dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    temperature = safe_divisor(torch.tensor([p.temperature for p in params], device=dev)[:, None])
     # NOTE: shifted by the row max first (softmax cannot tell): a tiny temperature then sends the
     # other tokens to −inf instead of overflowing every logit to inf, whose softmax is NaN.
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
+    vocab = logits.shape[1]
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # NOTE: any int fits the tensor
     top_p = [p.top_p for p in params]
     if min(top_k) < logits.shape[1] or min(top_p) < 1:
         logits = _top_k_top_p(logits, torch.tensor(top_k, device=dev), torch.tensor(top_p, device=dev))
@@ -76,6 +77,13 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         cutoff = min_p * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < cutoff, -float("inf"))
     return logits
+
+
+def safe_divisor(values: torch.Tensor) -> torch.Tensor:
+    """Float32 divisors kept within its normal range: a temperature of 1e-320 would round to 0
+    (0/0 is NaN) and one of 1e308 to inf (−inf/inf is NaN); clamped, they give the limits."""
+    info = torch.finfo(torch.float32)
+    return values.float().clamp(min=info.tiny, max=info.max)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -27,29 +27,56 @@ class DecodeGroup:
     beam_done: bool = False  # set by the step: the beam search is over
 
 
-def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoice]]:
+def step(logits: torch.Tensor, groups: list[DecodeGroup]) -> list[list[TokenChoice] | Exception]:
     """(R, V) main-stream logits, R = total rows of all groups -> each group's token choices.
 
-    For a beam-search group the choices are its running beams after the step.
+    For a beam-search group the choices are its running beams after the step. A group whose
+    decoding raises gets the exception in its place and the others are decoded as usual: a
+    batched stage that fails is re-run one group at a time to find the culprit. NOTE: only
+    stateless stages are re-run (combining, and selection for plain groups); each beam search,
+    which keeps state, runs once, on its own.
     """
     offsets = _offsets(groups)
-    combined = _combine(logits, groups, offsets)
-    plain = [g for g in groups if g.beam is None]
+    spans = [slice(start, start + len(g.rows)) for start, g in zip(offsets, groups)]
+    combined = _guarded(_combine, logits, groups, offsets)
+    if isinstance(combined, Exception):
+        if len(groups) == 1:
+            return [combined]
+        return [step(logits[span], [group])[0] for span, group in zip(spans, groups)]
+    results: list = [None] * len(groups)
     plain_idx = [i for i, g in enumerate(groups) if g.beam is None]
-    results: list[list[TokenChoice] | None] = [None] * len(groups)
-    if plain:
-        picked = (combined, logits)  # the common case, every group plain: no gather copy of the logits
-        if len(plain) < len(groups):
-            rows = torch.cat([torch.arange(offsets[i], offsets[i] + len(groups[i].rows)) for i in plain_idx])
-            rows = rows.to(logits.device)
-            picked = (combined[rows], logits[rows])
-        for i, choices in zip(plain_idx, _step_plain(*picked, plain)):
-            results[i] = choices
+    for i, choices in zip(plain_idx, _plain_results(combined, logits, groups, plain_idx, spans)):
+        results[i] = choices
     for i, group in enumerate(groups):
         if group.beam is not None:
-            span = slice(offsets[i], offsets[i] + len(group.rows))
-            results[i] = _step_beam(combined[span], logits[span], group)
+            results[i] = _guarded(_step_beam, combined[spans[i]], logits[spans[i]], group)
     return results
+
+
+def _plain_results(combined, logits, groups, plain_idx, spans) -> list:
+    """Every plain group's choices in one batch; if that raises, one group at a time."""
+    if not plain_idx:
+        return []
+    plain = [groups[i] for i in plain_idx]
+    picked = (combined, logits)  # the common case, every group plain: no gather copy of the logits
+    if len(plain) < len(groups):
+        rows = torch.cat([torch.arange(spans[i].start, spans[i].stop) for i in plain_idx]).to(logits.device)
+        picked = (combined[rows], logits[rows])
+    batch = _guarded(_step_plain, *picked, plain)
+    if not isinstance(batch, Exception):
+        return batch
+    if len(plain) == 1:
+        return [batch]
+    alone = [_guarded(_step_plain, combined[spans[i]], logits[spans[i]], [groups[i]]) for i in plain_idx]
+    return [r if isinstance(r, Exception) else r[0] for r in alone]
+
+
+def _guarded(fn, *args):
+    """fn(*args), or the exception it raised."""
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001  (any failure of one request's decoding; see step)
+        return err
 
 
 def _offsets(groups: list[DecodeGroup]) -> list[int]:

@@ -11,7 +11,14 @@ import sys
 import threading
 import time
 
+import uvicorn
+
+from counterpoint.serving.api.async_engine import AsyncEngine
+from counterpoint.serving.api.metrics import Metrics
+from counterpoint.serving.api.server import build_app
 from counterpoint.serving.engine.config import EngineConfig
+from counterpoint.serving.engine.engine import Engine
+from counterpoint.serving.models.loader import read_hf_config
 
 logger = logging.getLogger("counterpoint")
 
@@ -19,14 +26,6 @@ logger = logging.getLogger("counterpoint")
 def serve(config: EngineConfig, host: str, port: int, api_key: str | None, max_queue: int | None,
           shutdown_timeout: float) -> int:
     """Runs the server until it stops; returns the process's exit code."""
-    import uvicorn
-
-    from counterpoint.serving.api.async_engine import AsyncEngine
-    from counterpoint.serving.api.metrics import Metrics
-    from counterpoint.serving.api.server import build_app
-    from counterpoint.serving.engine.engine import Engine
-    from counterpoint.serving.models.loader import read_hf_config
-
     _configure_logging()
     for _, path in config.models:
         read_hf_config(path)  # NOTE: a missing model is a one-line error before anything starts
@@ -41,12 +40,28 @@ def serve(config: EngineConfig, host: str, port: int, api_key: str | None, max_q
     sys.setswitchinterval(0.0002)
     engine = AsyncEngine(lambda: Engine(config), max_queue, Metrics(), on_load_error=load_error)
     app = build_app(engine, [name for name, _ in config.models], api_key, shutdown_timeout)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
-                                           timeout_graceful_shutdown=int(shutdown_timeout)))
+    # NOTE: uvicorn's own limit is a backstop: the engine ends every request by the drain timeout.
+    uv_config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=int(shutdown_timeout) + 5)
+    server = _DrainingServer(uv_config, engine, shutdown_timeout)
     threading.Thread(target=_announce_ready, args=(engine, server, failed, f"http://{host}:{port}"),
                      daemon=True).start()
     server.run()
     return 2 if failed else 0
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's Server, which on SIGTERM or SIGINT also starts the engine's drain at once: new
+    requests get 503, those in flight have `timeout` seconds to finish, and then each ends with
+    an error (an error event and [DONE] in a stream), so every connection closes cleanly and the
+    process exits within the timeout."""
+
+    def __init__(self, config: uvicorn.Config, engine: AsyncEngine, timeout: float):
+        super().__init__(config)
+        self.engine, self.timeout = engine, timeout
+
+    def handle_exit(self, sig, frame) -> None:
+        self.engine.begin_shutdown(self.timeout)
+        super().handle_exit(sig, frame)
 
 
 def _announce_ready(engine, server, failed: list, url: str) -> None:

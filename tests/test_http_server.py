@@ -431,6 +431,52 @@ def test_sigterm_drains_in_flight_requests(llama_dir):
         proc.kill()
 
 
+def test_sigterm_past_the_drain_timeout_ends_every_stream_cleanly(llama_dir):
+    """With a drain timeout of 0, SIGTERM ends every open stream at once with an error event and
+    [DONE] (no connection cut mid-stream), refuses new requests, and the process exits promptly."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "counterpoint.serving", "serve", "--model", f"{MODEL}={llama_dir}",
+                             "--port", str(port), "--shutdown-timeout", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    started = threading.Barrier(5)
+    results = [None] * 4
+
+    def stream(i):
+        body = {"model": MODEL, "prompt": [5 + i, 17, 33], "max_tokens": 400, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as resp:
+            lines = []
+            for line in resp.iter_lines():
+                lines.append(line)
+                if len(lines) == 3:
+                    started.wait(60)
+            results[i] = [line for line in lines if line]
+
+    try:
+        assert wait_until(lambda: _healthy(url), timeout=60)
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        for lines in results:
+            assert lines[-1] == "data: [DONE]"
+            last = json.loads(lines[-2][6:])
+            assert last["error"]["type"] == "service_unavailable" and "shut down" in last["error"]["message"]
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()
+
+
 def _healthy(url) -> bool:
     try:
         return httpx.get(url + "/health").status_code == 200

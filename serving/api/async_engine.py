@@ -28,7 +28,15 @@ class Unavailable(RuntimeError):
 
 
 class StepFailed(RuntimeError):
-    """An engine step raised; the requests in flight were dropped and the engine goes on."""
+    """The engine could not finish this request (a step or its decoding failed); the engine goes on."""
+
+    status, err_type = 500, "internal_error"
+
+
+class ShuttingDown(StepFailed):
+    """The server shut down before this request finished."""
+
+    status, err_type = 503, "service_unavailable"
 
 
 @dataclass
@@ -37,6 +45,7 @@ class _Submission:
     prompt: str | list[int]
     params: SamplingParams
     model: str | None
+    prompt_token_ids: list[int] | None
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
 
@@ -55,6 +64,9 @@ class AsyncEngine:
         self._inbox: queue.Queue = queue.Queue()
         self._sinks: dict[str, _Submission] = {}
         self._ids = itertools.count()
+        # NOTE: each counter has one writer thread (submitted: the event loop; taken: the engine).
+        self._num_submitted = self._num_taken = 0
+        self._free_slots = 0  # sequence slots the default model had free after the last step
         self._stop = threading.Event()
         self._draining = False
         self.error: BaseException | None = None
@@ -79,15 +91,18 @@ class AsyncEngine:
         return len(self._sinks) + self._inbox.qsize()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, prefix: str = "req",
-                       model: str | None = None):
+                       model: str | None = None, prompt_token_ids: list[int] | None = None):
         """Yields a RequestOutput per step that advanced the request; the last one is finished.
-        `model` is a served name (default: the first model)."""
+        `model` is a served name (default: the first model); `prompt_token_ids` spare the engine
+        thread from tokenizing a text prompt."""
         self.check_available()
-        if self.max_queue is not None and len(self.engine.scheduler.waiting) + self._inbox.qsize() >= self.max_queue:
+        if self.max_queue is not None and self._num_waiting_for_room() >= self.max_queue:
             raise QueueFull(f"the server is at its queue limit ({self.max_queue} waiting requests)")
         request_id = f"{prefix}-{next(self._ids)}"
         sink: asyncio.Queue = asyncio.Queue()
-        self._inbox.put(("add", _Submission(request_id, prompt, params, model, asyncio.get_running_loop(), sink)))
+        submission = _Submission(request_id, prompt, params, model, prompt_token_ids, asyncio.get_running_loop(), sink)
+        self._num_submitted += 1
+        self._inbox.put(("add", submission))
         finished = False
         try:
             while True:
@@ -102,15 +117,28 @@ class AsyncEngine:
             if not finished:
                 self._inbox.put(("abort", request_id))
 
+    def _num_waiting_for_room(self) -> int:
+        """Requests that cannot start at the next step: those queued (in the inbox or the
+        scheduler's waiting list) beyond the free sequence slots the last step left."""
+        queued = self._num_submitted - self._num_taken + len(self.engine.scheduler.waiting)
+        return max(0, queued - self._free_slots)
+
+    def begin_shutdown(self, timeout: float) -> None:
+        """Stop taking work at once; in-flight requests may finish for `timeout` seconds, then the
+        rest end with a ShuttingDown error (streams get an error event), and the loop stops."""
+        if not self._draining:
+            self._draining = True
+            self._inbox.put(("drain", timeout))
+
     def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop taking work; let in-flight requests finish for up to `timeout` seconds."""
-        self._draining = True
-        self._inbox.put(("drain", timeout))
+        """begin_shutdown, then wait for the loop to stop."""
+        self.begin_shutdown(timeout)
         self._thread.join(timeout + 5)
 
     def _run(self) -> None:
         if self.engine is None and not self._load():
             return
+        self._free_slots = self._count_free_slots()
         try:
             while not self._stop.is_set():
                 self._take_inbox(block=not self.engine.has_unfinished_requests())
@@ -140,8 +168,14 @@ class AsyncEngine:
             return
         for out in outputs:
             self._deliver(out)
+        self._free_slots = self._count_free_slots()
         if self.metrics:
             self.metrics.on_step(self.engine)
+
+    def _count_free_slots(self) -> int:
+        engine = self.engine
+        used = sum(len(r.hypotheses) for r in engine.scheduler.running if r.model == engine.default_model)
+        return max(0, engine.config.max_num_seqs - used)
 
     def _recover(self, err: Exception) -> None:
         """Fail every request in flight with a StepFailed and go on serving, if aborting them
@@ -172,10 +206,16 @@ class AsyncEngine:
                 self._drain(payload)
 
     def _add(self, sub: _Submission) -> None:
+        self._num_taken += 1
         try:
-            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params, sub.model)
-        except (ValueError, NotImplementedError) as err:
+            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params, sub.model, sub.prompt_token_ids)
+        except (ValueError, NotImplementedError) as err:  # the request's own fault: a 400
             sub.loop.call_soon_threadsafe(sub.sink.put_nowait, err)
+            return
+        except Exception as err:  # noqa: BLE001  (anything else fails this request alone, never the loop)
+            traceback.print_exc()
+            failure = StepFailed(f"admitting the request failed ({type(err).__name__})")
+            sub.loop.call_soon_threadsafe(sub.sink.put_nowait, failure)
             return
         self._sinks[sub.request_id] = sub
         if self.metrics:
@@ -196,12 +236,16 @@ class AsyncEngine:
         if out.finished:
             del self._sinks[out.request_id]
         # NOTE: outputs share lists with live hypotheses; hand the other thread a frozen copy.
-        sub.loop.call_soon_threadsafe(sub.sink.put_nowait, snapshot(out))
+        item = StepFailed(out.error) if out.error else snapshot(out)
+        sub.loop.call_soon_threadsafe(sub.sink.put_nowait, item)
 
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.engine.has_unfinished_requests() and time.monotonic() < deadline:
+            self._take_inbox(block=False)  # NOTE: disconnects still abort while draining
             self._step()
-        for request_id in list(self._sinks):
+        failure = ShuttingDown(f"the server shut down before this request finished ({timeout:g} s drain)")
+        for request_id, sub in list(self._sinks.items()):
+            sub.loop.call_soon_threadsafe(sub.sink.put_nowait, failure)
             self._abort(request_id)
         self._stop.set()

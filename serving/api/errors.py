@@ -35,9 +35,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return JSONResponse(error_body(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"),
                                 status_code=400)
-        field = ".".join(str(x) for x in first.get("loc", ())[1:]) or None
-        return JSONResponse(error_body(f"{field}: {first.get('msg', 'invalid request')}", param=field),
-                            status_code=400)
+        field = first.get("ctx", {}).get("field") or ".".join(str(x) for x in first.get("loc", ())[1:]) or None
+        message = first.get("msg", "invalid request")
+        if field and not message.startswith(f"{field}:"):
+            message = f"{field}: {message}"
+        return JSONResponse(error_body(message, param=field), status_code=400)
 
     @app.exception_handler(Exception)
     async def internal(_, err: Exception):

@@ -89,7 +89,7 @@ class Metrics:
     def _finish(self, out, model: str, now: float) -> None:
         del self._open[out.request_id]
         reasons = {o.finish_reason for o in out.outputs}
-        reason = "abort" if "abort" in reasons else ("stop" if "stop" in reasons else "length")
+        reason = next((r for r in ("abort", "error", "stop") if r in reasons), "length")
         self.success.labels(model, reason).inc()
         self.e2e.labels(model).observe(now - out.metrics.arrival_time)
         if out.metrics.first_scheduled_time is not None:

@@ -4,19 +4,76 @@ Standard fields follow the OpenAI API; the extensions of serving/api/README.md s
 (the OpenAI SDK sends them through `extra_body`).
 """
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from counterpoint.decoding import SamplingParams
+from counterpoint.decoding.params import CONTEXT_CONTRAST_METHODS
+
+MAX_PROMPTS = 1024  # prompts in one completions request; a larger batch is a 400
+
+
+def _check_values(value, path: str) -> None:
+    """Every string must be encodable as UTF-8 (JSON can carry lone surrogates, which the
+    tokenizer cannot take) and every number finite, at any depth, extra fields included."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise PydanticCustomError("invalid_text", "{field}: not valid Unicode text ({reason})",
+                                      {"field": path or "body", "reason": err.reason}) from None
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise PydanticCustomError("non_finite", "{field}: numbers must be finite; got {value}",
+                                  {"field": path or "body", "value": str(value)})
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_values(key, path)
+            _check_values(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_values(item, f"{path}.{i}" if path else str(i))
+
+
+class _Body(BaseModel):
+    """A request body: unknown top-level fields are ignored (as OpenAI clients send new ones),
+    but every value is checked for broken text and non-finite numbers first."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _values(cls, data):
+        _check_values(data, "")
+        return data
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ContrastiveBody(BaseModel):
+    """`contrastive`: every field checked here, so a bad one is a 400 naming `contrastive.<field>`."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    amateur: str
+    alpha: float = 0.1
+    beta: float = 1.0
+    amateur_temperature: float = 1.0
+
+
+class ContextContrastBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Literal[CONTEXT_CONTRAST_METHODS]
+    alpha: float = 0.5
+    min_alpha: float = 0.0
+
+
+class _Common(_Body):
 
     model: str
     temperature: float | None = None
@@ -42,9 +99,9 @@ class _Common(BaseModel):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     early_stopping: bool | Literal["never"] = False
-    contrastive: dict | None = None
+    contrastive: ContrastiveBody | None = None
     documents: list[str] | None = None
-    context_contrast: dict | None = None
+    context_contrast: ContextContrastBody | None = None
     return_decoding_info: bool = False
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, **extra) -> SamplingParams:
@@ -62,8 +119,8 @@ class _Common(BaseModel):
             stop_token_ids=self.stop_token_ids, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs, use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
-            early_stopping=self.early_stopping, contrastive=self.contrastive,
-            context_contrast=self.context_contrast, return_decoding_info=self.return_decoding_info, **extra,
+            early_stopping=self.early_stopping, contrastive=_as_dict(self.contrastive),
+            context_contrast=_as_dict(self.context_contrast), return_decoding_info=self.return_decoding_info, **extra,
         )
 
     @property
@@ -73,7 +130,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = Field(default=16, ge=0)
     best_of: int | None = None
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
@@ -87,6 +144,8 @@ class CompletionRequest(_Common):
             return [p]
         if not p:
             raise ValueError("prompt must not be empty")
+        if len(p) > MAX_PROMPTS:
+            raise ValueError(f"prompt: at most {MAX_PROMPTS} prompts per request; got {len(p)}")
         return list(p)
 
     def to_sampling_params(self) -> SamplingParams:
@@ -122,8 +181,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict | None = None
@@ -151,13 +210,17 @@ class ChatCompletionRequest(_Common):
         return [m.model_dump(exclude_none=True) for m in self.messages]
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Body):
     model: str | None = None  # default: the first served model, as in vLLM
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
+
+
+def _as_dict(body: BaseModel | None) -> dict | None:
+    return None if body is None else body.model_dump()

@@ -14,11 +14,12 @@ from counterpoint.serving.api.chat_template import chat_prompt
 from counterpoint.serving.api.completions import router as completions_router
 from counterpoint.serving.api.errors import APIError, install_error_handlers
 from counterpoint.serving.api.protocol import DetokenizeRequest, TokenizeRequest
-from counterpoint.serving.api.state import ServerState, check_key, state
+from counterpoint.serving.api.guard import Guard
+from counterpoint.serving.api.state import ServerState, check_available, state
 
 
 router = APIRouter()
-keyed = [Depends(check_key)]
+available = [Depends(check_available)]
 
 
 @router.get("/health")
@@ -34,7 +35,7 @@ async def metrics(request: Request):
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/models", dependencies=keyed)
+@router.get("/v1/models", dependencies=available)
 async def models(request: Request):
     server = state(request)
     cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "counterpoint",
@@ -42,26 +43,31 @@ async def models(request: Request):
     return {"object": "list", "data": cards}
 
 
-@router.post("/tokenize", dependencies=keyed)
-@router.post("/v1/tokenize", dependencies=keyed)
+@router.post("/tokenize", dependencies=available)
+@router.post("/v1/tokenize", dependencies=available)
 async def tokenize(body: TokenizeRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
     if body.messages is not None:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        ids = chat_prompt(tokenizer, messages, tokenize=True, return_dict=False)
+        ids = await server.off_loop(chat_prompt, tokenizer, messages, tokenize=True, return_dict=False)
     elif body.prompt is not None:
-        ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = await server.off_loop(tokenizer.encode, body.prompt, add_special_tokens=body.add_special_tokens)
     else:
         raise APIError(400, "tokenize needs prompt or messages", param="prompt")
     return {"tokens": list(ids), "count": len(ids), "max_model_len": server.max_model_len(body.model)}
 
 
-@router.post("/detokenize", dependencies=keyed)
-@router.post("/v1/detokenize", dependencies=keyed)
+@router.post("/detokenize", dependencies=available)
+@router.post("/v1/detokenize", dependencies=available)
 async def detokenize(body: DetokenizeRequest, request: Request):
-    tokenizer = state(request).tokenizer(body.model)
-    return {"prompt": tokenizer.decode(body.tokens)}
+    server = state(request)
+    tokenizer = server.tokenizer(body.model)
+    vocab = len(tokenizer)
+    outside = [t for t in body.tokens if not 0 <= t < vocab]
+    if outside:
+        raise APIError(400, f"tokens: ids must be in [0, {vocab}); got {outside[0]}", param="tokens")
+    return {"prompt": await server.off_loop(tokenizer.decode, body.tokens)}
 
 
 def build_app(engine: AsyncEngine, served: list[str], api_key: str | None = None,
@@ -77,5 +83,6 @@ def build_app(engine: AsyncEngine, served: list[str], api_key: str | None = None
     app.state.server = ServerState(engine, served, api_key)
     install_error_handlers(app)
     app.include_router(router)
-    app.include_router(completions_router, dependencies=[Depends(check_key)])
+    app.include_router(completions_router, dependencies=available)
+    app.add_middleware(Guard, api_key=api_key)
     return app

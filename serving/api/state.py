@@ -1,6 +1,9 @@
 """What every route shares: the server's state on the app, and the key and availability check."""
 
-from dataclasses import dataclass
+import asyncio
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -13,6 +16,16 @@ class ServerState:
     engine: AsyncEngine
     served: list[str]  # the model ids, the default first
     api_key: str | None
+    # NOTE: tokenizing (and rendering chat templates) runs here, off the event loop and the engine
+    # thread, so a huge prompt delays no one else's request. One worker, because a tokenizer
+    # object is not safe to use from several threads at once.
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
+
+    async def off_loop(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs) on the tokenizer thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.tokenizer_pool, functools.partial(fn, *args, **kwargs))
 
     def tokenizer(self, name: str | None):
         """The tokenizer of a served model (None: the default one), or a 404."""
@@ -30,12 +43,10 @@ def state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def check_key(request: Request) -> None:
-    """The bearer key when --api-key is set, then a 503 while the engine cannot take work."""
-    server = state(request)
-    if server.api_key and request.headers.get("authorization") != f"Bearer {server.api_key}":
-        raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+def check_available(request: Request) -> None:
+    """A 503 while the engine cannot take work (loading, shutting down, failed). The API key is
+    checked before this, by the Guard middleware."""
     try:
-        server.engine.check_available()
+        state(request).engine.check_available()
     except Unavailable as err:
         raise APIError(503, str(err), "service_unavailable") from err

@@ -18,7 +18,7 @@ def sse(gen) -> StreamingResponse:
             async for chunk in gen:
                 yield f"data: {json.dumps(chunk)}\n\n"
         except StepFailed as err:  # NOTE: headers are sent; the error travels as an event, as in vLLM
-            yield f"data: {json.dumps(error_body(str(err), 'internal_error'))}\n\n"
+            yield f"data: {json.dumps(error_body(str(err), err.err_type))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(lines(), media_type="text/event-stream")
@@ -57,7 +57,7 @@ async def _merge(streams):
 
 async def stream_completion(rid, body, params, streams, model, tokenizer):
     created, last = int(time.time()), {}
-    chars_sent, tokens_sent = {}, {}  # per (prompt index, choice index)
+    chars_sent, tokens_sent, ended = {}, {}, set()  # per (prompt index, choice index)
     for chunk in _echo_first(body, streams, tokenizer):
         yield R.envelope("text_completion", rid, model, [chunk], created)
     async for i, out in _merge(streams):
@@ -66,9 +66,11 @@ async def stream_completion(rid, body, params, streams, model, tokenizer):
             key = (i, o.index)
             text, start_tok = R.stream_text(o, params.stop_strings), tokens_sent.get(key, 0)
             delta = text[chars_sent.get(key, 0):]
-            if not delta and o.finish_reason is None:
+            if key in ended or (not delta and o.finish_reason is None):
                 continue  # NOTE: tokens without text yet go out, logprobs and all, with the next chunk
             chars_sent[key], tokens_sent[key] = len(text), len(o.token_ids)
+            if o.finish_reason is not None:
+                ended.add(key)  # NOTE: a finished choice stays in later outputs; its end goes out once
             choice = {"index": i * body.n + o.index, "text": delta, "finish_reason": o.finish_reason,
                       "logprobs": R.completion_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:], tokenizer)
                       if body.logprobs is not None else None}
@@ -94,7 +96,7 @@ def _echo_first(body, streams, tokenizer):
 
 
 async def stream_chat(rid, body, params, stream, model):
-    created, sent, tokens_sent, out = int(time.time()), {}, {}, None
+    created, sent, tokens_sent, ended, out = int(time.time()), {}, {}, set(), None
     for j in range(body.n):
         yield R.envelope("chat.completion.chunk", rid, model,
                          [{"index": j, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}], created)
@@ -103,9 +105,11 @@ async def stream_chat(rid, body, params, stream, model):
             for o in out.outputs:
                 text = R.stream_text(o, params.stop_strings)
                 delta, start_tok = text[sent.get(o.index, 0):], tokens_sent.get(o.index, 0)
-                if not delta and o.finish_reason is None:
+                if o.index in ended or (not delta and o.finish_reason is None):
                     continue
                 sent[o.index], tokens_sent[o.index] = len(text), len(o.token_ids)
+                if o.finish_reason is not None:
+                    ended.add(o.index)
                 choice = {"index": o.index, "delta": {"content": delta} if delta else {},
                           "finish_reason": o.finish_reason,
                           "logprobs": R.chat_logprobs(o.logprobs[start_tok:], o.token_ids[start_tok:],

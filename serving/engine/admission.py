@@ -7,7 +7,12 @@ from counterpoint.serving.engine.model_slot import ModelSlot
 
 
 class ContextLengthExceeded(ValueError):
-    """The prompt (plus max_tokens) does not fit the model's context."""
+    """The prompt (plus max_tokens) does not fit the model's context; `param` is "prompt" when the
+    prompt alone is too long, else "max_tokens"."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class InvalidRequest(ValueError):
@@ -32,8 +37,7 @@ def admit(ids: list[int], params: SamplingParams, slots: list[ModelSlot], config
     if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):
         raise ContextLengthExceeded(
             f"this model's maximum context length is {max_model_len} tokens; the request has "
-            f"{len(ids)} prompt tokens and asks for {params.max_tokens} more"
-        )
+            f"{len(ids)} prompt tokens and asks for {params.max_tokens} more", "prompt" if room <= 0 else "max_tokens")
     max_tokens = room if params.max_tokens is None else params.max_tokens
     for slot in slots:
         _check_fits_pool(slot, len(ids), max_tokens, params, config.block_size)

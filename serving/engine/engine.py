@@ -1,5 +1,6 @@
 """The engine: add requests, step the scheduler, run the models, decode, detokenize."""
 
+import logging
 import time
 
 import torch
@@ -16,6 +17,8 @@ from counterpoint.serving.engine.output_builder import build_output, record_prom
 from counterpoint.serving.engine.request import Request
 from counterpoint.serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from counterpoint.serving.engine.outputs import RequestOutput
+
+logger = logging.getLogger("counterpoint")
 
 
 class Engine:
@@ -44,15 +47,17 @@ class Engine:
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    model: str | None = None) -> Request:
-        """Queue a request on `model` (a served name; default: the first model)."""
+                    model: str | None = None, prompt_token_ids: list[int] | None = None) -> Request:
+        """Queue a request on `model` (a served name; default: the first model). A text prompt is
+        tokenized here unless its `prompt_token_ids` are given (the server tokenizes off this thread)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if model is not None and model not in self.slots:
             raise InvalidRequest(f"model {model!r} is not served; served: {', '.join(self.slots)}", "model")
         slot = self.slots[model or self.default_model]
         streams = self._streams(slot, params)
-        text, ids = (prompt, slot.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        text, ids = (None, list(prompt)) if not isinstance(prompt, str) else \
+            (prompt, list(prompt_token_ids) if prompt_token_ids is not None else slot.tokenizer.encode(prompt))
         max_tokens = admit(ids, params, [self.slots[m] for m in streams.values()], self.config)
         request = Request(request_id, text, ids, params, slot.eos_ids, max_tokens, streams)
         if params.seed is not None:
@@ -150,12 +155,22 @@ class Engine:
             return
         groups = [self._group(r, logits) for r in ready]
         rows = torch.cat([logits[h.seqs["main"].seq_id][-1:] for r in ready for h in r.hypotheses])
-        kv = self.scheduler.kv
         for request, group, choices in zip(ready, groups, decoding_step.step(rows, groups)):
-            if request.beam is not None:
-                apply_beams(request, choices, kv, self._tokenizer(request), group.beam_done)
-            else:
-                apply_sampled(request, choices, kv, self._tokenizer(request), self._max_model_len(request))
+            try:
+                if isinstance(choices, Exception):
+                    raise choices
+                self._apply(request, group, choices)
+            except Exception as err:  # noqa: BLE001  (fails this request alone; the batch goes on)
+                logger.exception(f"decoding request {request.request_id} failed; it ends with an error")
+                self._finish_all(request, "error")
+                request.error = f"decoding this request failed ({type(err).__name__}: {err})"
+
+    def _apply(self, request: Request, group: decoding_step.DecodeGroup, choices) -> None:
+        kv = self.scheduler.kv
+        if request.beam is not None:
+            apply_beams(request, choices, kv, self._tokenizer(request), group.beam_done)
+        else:
+            apply_sampled(request, choices, kv, self._tokenizer(request), self._max_model_len(request))
 
     def _group(self, request: Request, logits: dict[int, torch.Tensor]) -> decoding_step.DecodeGroup:
         hyps, tokenizer = request.hypotheses, self._tokenizer(request)

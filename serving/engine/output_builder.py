@@ -111,5 +111,5 @@ def build_output(request: Request, tokenizer) -> RequestOutput:
     return RequestOutput(
         request.request_id, request.prompt, request.prompt_token_ids,
         request.prompt_logprobs if request.params.prompt_logprobs is not None else None,
-        outputs, done, metrics,
+        outputs, done, metrics, request.error,
     )

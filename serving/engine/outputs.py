@@ -40,6 +40,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    error: str | None = None  # set when the request failed alone (its choices end with "error")
 
 
 def snapshot(out: RequestOutput) -> RequestOutput:

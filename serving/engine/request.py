@@ -95,6 +95,7 @@ class Request:
     first_token_time: float | None = None
     num_preemptions: int = 0
     beam: BeamSearch | None = None
+    error: str | None = None  # why the request ended early, when its decoding failed
 
     def __post_init__(self):
         if not self.hypotheses:
