@@ -45,3 +45,14 @@ def llama_dir(model_factory) -> Path:
 def amateur_dir(model_factory) -> Path:
     """An amateur for llama_dir: same tokenizer, one layer, embedding table padded to 400 rows."""
     return model_factory("llama", seed=1, num_hidden_layers=1, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for the module: tiny models gain nothing from a second one, and on a
+    busy 2-core machine OpenMP's barriers between two threads make each step many times slower
+    (measured at load 4: a tiny training step 1.9 s with two threads, 0.05 s with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

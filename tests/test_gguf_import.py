@@ -13,6 +13,7 @@ from counterpoint.serving import LLM
 from counterpoint.training.gguf_import import import_gguf
 from gguf_writer import write_gguf
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 PROMPT = [5, 17, 33, 100, 7, 9, 11]
 
 

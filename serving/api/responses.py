@@ -28,9 +28,9 @@ def completion_logprobs(entries: list[dict[int, Logprob] | None], token_ids: lis
             token_logprobs.append(None)
             top.append(None)
             continue
-        token_logprobs.append(entry[token_id].logprob)
+        token_logprobs.append(json_logprob(entry[token_id].logprob))
         # NOTE: the chosen token is always listed, as OpenAI and vLLM do: up to logprobs + 1 entries.
-        top.append({lp.decoded_token: lp.logprob for lp in entry.values()})
+        top.append({lp.decoded_token: json_logprob(lp.logprob) for lp in entry.values()})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
@@ -42,16 +42,28 @@ def chat_logprobs(entries: list[dict[int, Logprob]], token_ids: list[int], num_t
         if num_top and chosen not in alternatives:  # the chosen token is always listed (num_top + 1 at most)
             alternatives.append(chosen)
         content.append({
-            "token": chosen.decoded_token, "logprob": chosen.logprob,
+            "token": chosen.decoded_token, "logprob": json_logprob(chosen.logprob),
             "bytes": list(chosen.decoded_token.encode()),
-            "top_logprobs": [{"token": a.decoded_token, "logprob": a.logprob, "bytes": list(a.decoded_token.encode())}
+            "top_logprobs": [{"token": a.decoded_token, "logprob": json_logprob(a.logprob),
+                              "bytes": list(a.decoded_token.encode())}
                              for a in alternatives],
         })
     return {"content": content}
 
 
 def decoding_info(o: CompletionOutput, start: int = 0) -> list[dict] | None:
-    return None if o.decoding_info is None else o.decoding_info[start:]
+    if o.decoding_info is None:
+        return None
+    return [{k: json_logprob(v) if isinstance(v, float) else v for k, v in d.items()} for d in o.decoding_info[start:]]
+
+
+def json_logprob(value: float) -> float:
+    """JSON has no −inf: a token the decoding ruled out (top-k, min-p, a ban) reports −9999.0, as
+    vLLM does."""
+    return max(value, LOGPROB_FLOOR)
+
+
+LOGPROB_FLOOR = -9999.0
 
 
 def stream_text(o: CompletionOutput, stop_strings: list[str]) -> str:
