@@ -35,6 +35,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: the Triton kernels on CUDA, the torch path on the CPU; torch forces the torch path")
     p.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: run every decode step eagerly (graphs are used on CUDA with triton)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens never depend on what else is in its batch, how its prompt was "
+                        "chunked or what the prefix cache held (slower: one row and one token at a time)")
     p.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128], help="tokens per KV block")
     cache = p.add_mutually_exclusive_group()
     cache.add_argument("--num-blocks", type=positive_int, default=None, help="KV blocks per model (overrides the size)")
@@ -47,4 +50,5 @@ def engine_kwargs(args) -> dict:
     """The flags of add_engine_flags as EngineConfig fields."""
     return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                 attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
+                batch_invariant=args.batch_invariant,
                 block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gib=args.kv_cache_memory)

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: the backend interface, the torch (CPU) and Triton (GPU)
 backends, and CUDA graphs of the decode step."""
 
-from counterpoint.serving.attention import torch_backend  # noqa: F401  (registers "torch")
+from counterpoint.serving.attention import invariant_backend, torch_backend  # noqa: F401  (register themselves)
 from counterpoint.serving.attention.base import BACKENDS, AttentionBackend
 
 

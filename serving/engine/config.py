@@ -22,6 +22,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs: every decode step runs eagerly
+    batch_invariant: bool = False  # a request's tokens never depend on its batch, chunking or cache hits
     cuda_graph_max_batch_size: int = 256  # larger decode batches run eagerly
     seed: int = 0
     show_progress: bool = True
@@ -40,6 +41,8 @@ class EngineConfig:
             ("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size > 0, "a positive integer"),
             ("attention_backend", self.attention_backend in ("auto", "torch", "triton"), "auto, torch or triton"),
         ]
+        checks.append(("attention_backend", not (self.batch_invariant and self.attention_backend == "triton"),
+                       "auto or torch with batch_invariant (the Triton kernels' splits follow the batch)"))
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}; got {getattr(self, name)!r}")
@@ -65,6 +68,8 @@ class EngineConfig:
     @property
     def resolved_attention_backend(self) -> str:
         """auto: the Triton kernels on CUDA, the torch path on the CPU."""
+        if self.batch_invariant:
+            return "torch_invariant"
         if self.attention_backend != "auto":
             return self.attention_backend
         return "triton" if self.torch_device.type == "cuda" else "torch"

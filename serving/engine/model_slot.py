@@ -66,6 +66,8 @@ def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineCo
     backend = config.resolved_attention_backend
     if backend == "triton":
         model.use_triton_kernels()
+    if config.batch_invariant:
+        model.make_batch_invariant()
     runner = ModelRunner(model, cache, backend, config.torch_device)
     if config.uses_cuda_graphs:
         sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)

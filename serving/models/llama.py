@@ -58,6 +58,19 @@ class Rotary:
         return apply_rotary(x, self.cos, self.sin)
 
 
+class RowwiseLinear(nn.Module):
+    """A linear layer applied one row at a time (batch-invariant mode). NOTE: a matmul kernel may
+    cut a batch of rows into blocks by its size, which changes roundings; one row at a time, every
+    row goes through the same kernel whatever else the batch holds."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.linear(row, self.weight, self.bias) for row in x.split(1)])
+
+
 class Attention(nn.Module):
     def __init__(self, shape: LlamaShape, layer_idx: int):
         super().__init__()
@@ -132,6 +145,13 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.use_kernel = True
+
+    def make_batch_invariant(self) -> None:
+        """Every linear layer, lm_head included, runs one row at a time (see RowwiseLinear)."""
+        for module in list(self.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, RowwiseLinear(child))
 
     def tie_weights(self) -> None:
         if self.shape.tie_word_embeddings:
