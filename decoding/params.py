@@ -165,6 +165,17 @@ class SamplingParams:
                self.early_stopping)
 
     @property
+    def combine_method(self) -> str | None:
+        """The registered combine method of decoding/combine, or None for a single stream."""
+        if self.contrastive is not None:
+            return "contrastive"
+        return self.context_contrast.method if self.context_contrast is not None else None
+
+    @property
+    def combine_params(self):
+        return self.contrastive if self.contrastive is not None else self.context_contrast
+
+    @property
     def is_greedy(self) -> bool:
         return self.temperature == 0
 

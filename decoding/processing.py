@@ -20,6 +20,7 @@ class Row:
     prompt_ids: list[int]
     output_ids: list[int]
     eos_ids: tuple[int, ...]  # banned until min_tokens is reached
+    context_weight: float | None = None  # set by combining (ACD, AdaCAD) when decoding info is asked for
 
 
 def process(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:

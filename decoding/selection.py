@@ -15,6 +15,7 @@ class TokenChoice:
     rank: int | None  # 1 = the most likely token under q
     top_logprobs: list[tuple[int, float]]  # the k best (token, log q) when logprobs=k was asked
     raw_logprob: float | None = None  # log_softmax of the main stream, for return_decoding_info
+    context_weight: float | None = None  # ACD's w or AdaCAD's α at this step, for return_decoding_info
 
 
 def sample_rows(probs: torch.Tensor, is_greedy: list[bool], generators: list) -> torch.Tensor:

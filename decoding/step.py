@@ -20,7 +20,7 @@ class DecodeGroup:
     rows: list[Row]
     fanout: int  # children per hypothesis: n on the first step of parallel sampling, else 1
     generator: torch.Generator | None
-    amateur: torch.Tensor | None = None  # (rows, V_A) amateur-stream logits for contrastive decoding
+    other: torch.Tensor | None = None  # (rows, V') logits of the second stream: amateur or no_context
     beam: BeamSearch | None = None
     make_finished: Callable[[TokenChoice], object] | None = None  # beam search: payload of a finished slot
     ends_text: Callable[[int, int], bool] | None = None  # beam search: (parent, token) completes a stop string
@@ -88,19 +88,25 @@ def _offsets(groups: list[DecodeGroup]) -> list[int]:
 
 
 def _combine(logits: torch.Tensor, groups: list[DecodeGroup], offsets: list[int]) -> torch.Tensor:
-    """Contrastive rows replaced by their combined logits, one batched call per amateur vocab size."""
-    by_vocab: dict[int, list[tuple[int, DecodeGroup]]] = {}
+    """Rows with a second stream replaced by their combined logits: one batched call per method
+    and vocabulary size. A method's context weights land on the rows that report them."""
+    batches: dict[tuple[str, int], list[tuple[int, DecodeGroup]]] = {}
     for start, group in zip(offsets, groups):
-        if group.amateur is not None:
-            by_vocab.setdefault(group.amateur.shape[-1], []).append((start, group))
-    if not by_vocab:
+        if group.other is not None:
+            batches.setdefault((group.params.combine_method, group.other.shape[-1]), []).append((start, group))
+    if not batches:
         return logits
     out = logits.float().clone()
-    for members in by_vocab.values():
+    for (method, _), members in batches.items():
         idx = torch.cat([torch.arange(start, start + len(g.rows)) for start, g in members]).to(logits.device)
-        params = [g.params.contrastive for _, g in members for _ in g.rows]
+        params = [g.params.combine_params for _, g in members for _ in g.rows]
         widths = [g.params.beam_width if g.beam is not None else 1 for _, g in members for _ in g.rows]
-        out[idx] = combine.contrastive(logits[idx], torch.cat([g.amateur for _, g in members]), params, widths)
+        result = combine.combine(method, logits[idx], torch.cat([g.other for _, g in members]), params, widths)
+        out[idx] = result.logits
+        rows = [row for _, g in members for row in g.rows]
+        if result.weights is not None and any(r.params.return_decoding_info for r in rows):
+            for row, weight in zip(rows, result.weights.tolist()):  # NOTE: one host transfer per batch
+                row.context_weight = weight
     return out
 
 
@@ -134,10 +140,25 @@ def _select(combined: torch.Tensor, raw: torch.Tensor, rows: list[Row], generato
     if not _needs_processing(rows):
         # NOTE: the all-greedy fast path: argmax of the combined logits is argmax of log q.
         return [TokenChoice(-1, t, None, None, []) for t in combined.argmax(dim=-1).tolist()]
-    logq = process(combined, rows)
+    logq = _process(combined, raw, rows)
     is_greedy = [r.params.is_greedy for r in rows]
     tokens = sample_rows(logq.exp(), is_greedy, generators)
     return _choices(logq, raw, list(range(len(rows))), tokens, rows)
+
+
+def _process(combined: torch.Tensor, raw: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """log q of every row. NOTE: a combined row can leave no token allowed (a contrastive head of
+    one token that min_tokens bans, say), and log_softmax of all −inf is NaN; such a row is
+    decoded from its main stream alone for this step."""
+    logq = process(combined, rows)
+    if combined is raw:
+        return logq
+    empty = torch.isneginf(logq).all(dim=-1) | torch.isnan(logq).any(dim=-1)
+    if not bool(empty.any()):
+        return logq
+    idx = empty.nonzero().squeeze(1).tolist()
+    logq[idx] = process(raw[idx], [rows[i] for i in idx])
+    return logq
 
 
 def _choices(logq, raw, row_ids: list[int], tokens: torch.Tensor, rows: list[Row]) -> list[TokenChoice]:
@@ -148,12 +169,13 @@ def _choices(logq, raw, row_ids: list[int], tokens: torch.Tensor, rows: list[Row
     raw_lp = [None] * len(picked_rows)
     if any(r.params.return_decoding_info for r in picked_rows):
         raw_lp = torch.log_softmax(raw[row_idx].float(), dim=-1).gather(1, tokens[:, None]).squeeze(1).tolist()
-    return [TokenChoice(-1, t, lp, rank, top, raw_lp[i] if picked_rows[i].params.return_decoding_info else None)
+    return [TokenChoice(-1, t, lp, rank, top, raw_lp[i] if picked_rows[i].params.return_decoding_info else None,
+                        picked_rows[i].context_weight)
             for i, (t, (lp, rank, top)) in enumerate(zip(tokens.tolist(), info))]
 
 
 def _step_beam(combined: torch.Tensor, raw: torch.Tensor, group: DecodeGroup) -> list[TokenChoice]:
-    logq = process(combined, group.rows)
+    logq = _process(combined, raw, group.rows)
 
     def choose(candidates: list[Candidate]) -> list[TokenChoice]:
         tokens = torch.tensor([c.token_id for c in candidates], device=logq.device)

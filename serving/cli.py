@@ -30,6 +30,11 @@ def _generate_parser(sub) -> None:
                    help="contrastive decoding against this model directory ('default': the bundled amateur)")
     p.add_argument("--cd-alpha", type=float, default=0.1, help="contrastive plausibility threshold alpha in (0, 1]")
     p.add_argument("--cd-beta", type=float, default=1.0, help="contrastive amateur weight beta >= 0")
+    p.add_argument("--document", action="append", default=None, metavar="TEXT",
+                   help="a retrieved passage, rendered before the prompt (repeat for more)")
+    p.add_argument("--context-contrast", choices=["acd", "cad", "adacad"], default=None,
+                   help="contrast the prompt with and without the documents (needs --document)")
+    p.add_argument("--cc-alpha", type=float, default=0.5, help="CAD's alpha (context-contrast weight)")
     add_engine_flags(p)
     p.set_defaults(run=run_generate, parser=p)
 
@@ -97,19 +102,21 @@ def run_generate(args) -> None:
         model = model or str(defaults.expert)
         amateur = str(defaults.amateur) if amateur == "default" else amateur
     contrastive = {"amateur": AMATEUR, "alpha": args.cd_alpha, "beta": args.cd_beta} if amateur else None
+    context = {"method": args.context_contrast, "alpha": args.cc_alpha} if args.context_contrast else None
+    if context and not args.document:
+        args.parser.error("--context-contrast needs at least one --document")
     try:
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                                 top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n,
                                 use_beam_search=args.beam_width is not None, best_of=args.beam_width,
-                                contrastive=contrastive)
+                                contrastive=contrastive, context_contrast=context)
     except ValueError as err:
         args.parser.error(str(err))
     llm = LLM(model, amateur=amateur, **engine_kwargs(args))
-    prompt = args.prompt
     if args.chat:
-        prompt = llm.get_tokenizer().apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    out = llm.generate(prompt, params, use_tqdm=False)[0]
+        out = llm.chat([{"role": "user", "content": args.prompt}], params, documents=args.document, use_tqdm=False)[0]
+    else:
+        out = llm.generate(args.prompt, params, documents=args.document, use_tqdm=False)[0]
     for completion in out.outputs:
         print(completion.text)
 

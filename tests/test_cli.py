@@ -127,3 +127,20 @@ def test_help_does_not_import_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
 
+
+
+def test_generate_with_documents_and_context_contrast_prints_the_offline_text(llama_dir):
+    from counterpoint.decoding import SamplingParams
+    from counterpoint.serving import LLM
+
+    docs = ["Paris is the capital of France.", "Rome is in Italy."]
+    proc = run("generate", "--model", str(llama_dir), "--prompt", "The capital of France is", "--max-tokens", "8",
+               "--document", docs[0], "--document", docs[1], "--context-contrast", "cad", "--cc-alpha", "1.5")
+    assert proc.returncode == 0, proc.stderr
+    llm = LLM(str(llama_dir), show_progress=False)
+    params = SamplingParams(max_tokens=8, temperature=0, context_contrast={"method": "cad", "alpha": 1.5})
+    out = llm.generate("The capital of France is", params, documents=docs, use_tqdm=False)[0]
+    # NOTE: text mode reads any \r the random model printed as \n
+    assert proc.stdout.rstrip("\n") == out.outputs[0].text.replace("\r\n", "\n").replace("\r", "\n")
+    proc = run("generate", "--model", str(llama_dir), "--prompt", "hi", "--context-contrast", "acd")
+    assert proc.returncode == 2 and "needs at least one --document" in proc.stderr

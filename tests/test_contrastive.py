@@ -144,6 +144,23 @@ def test_a_vanishing_amateur_temperature_samples_the_formula_s_limit(llm, hf_pai
     assert_first_tokens_follow(outs, expected / expected.sum(), "sampled the amateur's top token or left the head")
 
 
+def test_a_head_the_bans_empty_is_decoded_from_the_expert_alone(llm, hf_pair):
+    """α = 1 keeps only the expert's top token; min_tokens bans it (as a stop token): no token is
+    left, so the step falls back to the expert's own distribution under the same bans."""
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        z_e = hf_pair[0](torch.tensor([prompt])).logits[0, -1].float()
+    top = int(z_e.argmax())
+    params = SamplingParams(max_tokens=1, temperature=0, logprobs=0, min_tokens=1, stop_token_ids=[top],
+                            contrastive={"amateur": "amateur", "alpha": 1.0})
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    banned = [top, *llm.engine.main.eos_ids]
+    z_e[banned] = -math.inf
+    assert out.token_ids == [int(z_e.argmax())]
+    assert out.logprobs[0][out.token_ids[0]].logprob == pytest.approx(float(torch.log_softmax(z_e, -1).max()))
+    _assert_pools_full(llm)
+
+
 def test_contrastive_request_errors(llm, expert_dir, model_factory, tmp_path):
     bad = [({"amateur": "missing"}, "'missing' is not served"),
            ({"amateur": llm.engine.default_model}, "is the request's own model")]

@@ -136,3 +136,49 @@ def test_metrics_are_labelled_with_each_request_s_model(server):
     methods = {"amateur": "greedy", MODEL: "contrastive"}
     for model, method in methods.items():
         assert delta("counterpoint:requests_by_decoding_total", (("method", method), ("model_name", model))) == 1
+
+
+DOCS = ["Paris is the capital of France.", "Berlin is the capital of Germany."]
+
+
+@pytest.mark.parametrize("method", ["cad", "acd", "adacad"])
+def test_documents_and_context_contrast_match_offline(server, offline, method):
+    """Completions and chat, streamed and not: the same tokens and decoding info as offline."""
+    contrast = {"documents": DOCS, "context_contrast": {"method": method}, "return_decoding_info": True}
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, return_decoding_info=True,
+                            context_contrast={"method": method})
+    expected = offline.generate(PROMPT, params, documents=DOCS, use_tqdm=False)[0].outputs[0]
+    client = server.client()
+    resp = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0,
+                                     extra_body={**contrast, "ignore_eos": True})
+    assert resp.choices[0].text == expected.text
+    assert resp.choices[0].model_extra["decoding_info"] == pytest.approx(expected.decoding_info)
+    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, stream=True,
+                                       extra_body={**contrast, "ignore_eos": True})
+    chunks = [c for c in stream if c.choices]
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    streamed_info = [info for c in chunks for info in c.choices[0].model_extra.get("decoding_info") or []]
+    assert streamed_info == pytest.approx(expected.decoding_info)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    tokenizer = offline.get_tokenizer()
+    with_docs = [{"role": "user", "content": "Context:\n[1] " + DOCS[0] + "\n[2] " + DOCS[1] + "\n\n"
+                  + messages[0]["content"]}]
+    prompt = tokenizer.apply_chat_template(with_docs, tokenize=False, add_generation_prompt=True)
+    no_context = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True,
+                                               return_dict=False)
+    llm = offline.engine
+    request = llm.add_request(f"chat-{method}", prompt, params, no_context=no_context)
+    while llm.has_unfinished_requests():
+        llm.step()
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0,
+                                          extra_body={**contrast, "ignore_eos": True})
+    assert chat.choices[0].message.content == request.finished[0].text
+
+
+def test_documents_alone_are_plain_rag_prompting(server, offline):
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = offline.generate(PROMPT, params, documents=DOCS, use_tqdm=False)[0]
+    resp = server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, echo=True,
+                                              extra_body={"documents": DOCS, "ignore_eos": True})
+    assert resp.choices[0].text == "Context:\n[1] " + DOCS[0] + "\n[2] " + DOCS[1] + "\n\n" + PROMPT + \
+        expected.outputs[0].text

@@ -159,8 +159,19 @@ def test_error_statuses(llama_dir):
         with pytest.raises(openai.BadRequestError) as err:
             client.completions.create(model=MODEL, prompt="hi", extra_body={"contrastive": {"amateur": "nope"}})
         assert err.value.body["param"] == "contrastive.amateur" and "'nope' is not served" in err.value.body["message"]
-        with pytest.raises(openai.BadRequestError, match="documents are not supported yet"):
-            client.completions.create(model=MODEL, prompt="hi", extra_body={"documents": ["Paris is in France."]})
+        with pytest.raises(openai.BadRequestError, match="cannot be combined") as err:
+            client.completions.create(model=MODEL, prompt="hi", extra_body={
+                "documents": ["Paris is in France."], "context_contrast": {"method": "cad"},
+                "contrastive": {"amateur": MODEL}})
+        assert err.value.body["param"] == "contrastive"
+        with pytest.raises(openai.BadRequestError, match="context_contrast.alpha") as err:
+            client.completions.create(model=MODEL, prompt="hi", extra_body={
+                "documents": ["Paris is in France."], "context_contrast": {"method": "cad", "alpha": -1}})
+        assert err.value.body["param"] == "context_contrast.alpha"
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt="hi", max_tokens=4, extra_body={
+                "documents": ["Paris is in France. " * 40], "context_contrast": {"method": "acd"}})
+        assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "prompt"
         with pytest.raises(openai.BadRequestError, match="context_contrast needs documents"):
             client.completions.create(model=MODEL, prompt="hi", extra_body={"context_contrast": {"method": "acd"}})
         with pytest.raises(openai.BadRequestError, match="messages"):

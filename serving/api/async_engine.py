@@ -46,6 +46,7 @@ class _Submission:
     params: SamplingParams
     model: str | None
     prompt_token_ids: list[int] | None
+    no_context: list[int] | None
     loop: asyncio.AbstractEventLoop
     sink: asyncio.Queue
 
@@ -91,16 +92,19 @@ class AsyncEngine:
         return len(self._sinks) + self._inbox.qsize()
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, prefix: str = "req",
-                       model: str | None = None, prompt_token_ids: list[int] | None = None):
+                       model: str | None = None, prompt_token_ids: list[int] | None = None,
+                       no_context: list[int] | None = None):
         """Yields a RequestOutput per step that advanced the request; the last one is finished.
         `model` is a served name (default: the first model); `prompt_token_ids` spare the engine
-        thread from tokenizing a text prompt."""
+        thread from tokenizing a text prompt; `no_context` is the prompt without its documents, as
+        token ids, for context contrast."""
         self.check_available()
         if self.max_queue is not None and self._num_waiting_for_room() >= self.max_queue:
             raise QueueFull(f"the server is at its queue limit ({self.max_queue} waiting requests)")
         request_id = f"{prefix}-{next(self._ids)}"
         sink: asyncio.Queue = asyncio.Queue()
-        submission = _Submission(request_id, prompt, params, model, prompt_token_ids, asyncio.get_running_loop(), sink)
+        submission = _Submission(request_id, prompt, params, model, prompt_token_ids, no_context,
+                                 asyncio.get_running_loop(), sink)
         self._num_submitted += 1
         self._inbox.put(("add", submission))
         finished = False
@@ -208,7 +212,8 @@ class AsyncEngine:
     def _add(self, sub: _Submission) -> None:
         self._num_taken += 1
         try:
-            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params, sub.model, sub.prompt_token_ids)
+            request = self.engine.add_request(sub.request_id, sub.prompt, sub.params, sub.model, sub.prompt_token_ids,
+                                              sub.no_context)
         except (ValueError, NotImplementedError) as err:  # the request's own fault: a 400
             sub.loop.call_soon_threadsafe(sub.sink.put_nowait, err)
             return

@@ -13,6 +13,7 @@ from counterpoint.serving.api.errors import APIError
 from counterpoint.serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from counterpoint.serving.api.state import state
 from counterpoint.serving.api.streaming import sse, stream_chat, stream_completion
+from counterpoint.serving.engine.documents import chat_with_documents, prompt_with_documents
 
 router = APIRouter()
 
@@ -23,9 +24,9 @@ async def completions(body: CompletionRequest, request: Request):
     tokenizer = server.tokenizer(body.model)
     params = _params(body)
     prompts = _or_400(body.prompts, "prompt")
-    ids = await server.off_loop(lambda: [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts])
-    gens = [server.engine.generate(text, params, "cmpl", body.model, prompt_token_ids=prompt_ids)
-            for text, prompt_ids in zip(prompts, ids)]
+    rendered = await server.off_loop(_render_completions, prompts, body.documents, params, tokenizer)
+    gens = [server.engine.generate(text, params, "cmpl", body.model, prompt_token_ids=ids, no_context=no_context)
+            for text, ids, no_context in rendered]
     streams = await start_all(gens, request, {"prompt": "prompt", "max_tokens": "max_tokens"})
     rid = f"cmpl-{uuid.uuid4().hex}"
     if body.stream:
@@ -42,9 +43,9 @@ async def chat(body: ChatCompletionRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
     params = _params(body)
-    prompt = await server.off_loop(chat_prompt, tokenizer, body.message_dicts(), tokenize=False)
-    ids = await server.off_loop(tokenizer.encode, prompt)
-    gen = server.engine.generate(prompt, params, "chat", body.model, prompt_token_ids=ids)
+    prompt, ids, no_context = await server.off_loop(_render_chat, body.message_dicts(), body.documents, params,
+                                                    tokenizer)
+    gen = server.engine.generate(prompt, params, "chat", body.model, prompt_token_ids=ids, no_context=no_context)
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     [stream] = await start_all([gen], request, {"prompt": "messages", "max_tokens": max_field})
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -54,6 +55,36 @@ async def chat(body: ChatCompletionRequest, request: Request):
     choices = [R.chat_choice(o, body) for o in out.outputs]
     return {**R.envelope("chat.completion", rid, body.model, choices),
             "usage": R.usage(len(out.prompt_token_ids), R.num_completion_tokens([out]))}
+
+
+def _render_completions(prompts: list, documents: list[str] | None, params, tokenizer) -> list[tuple]:
+    """Per prompt: (the prompt with the documents, its token ids, token ids without them or None)."""
+    rendered = []
+    for prompt in prompts:
+        full = prompt_with_documents(prompt, documents, tokenizer) if documents else prompt
+        ids = tokenizer.encode(full) if isinstance(full, str) else list(full)
+        no_context = None
+        if params.context_contrast is not None:
+            no_context = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        rendered.append((full, ids, no_context))
+    return rendered
+
+
+def _render_chat(messages: list[dict], documents: list[str] | None, params, tokenizer) -> tuple:
+    """(prompt text with the documents, its token ids, token ids without the documents or None)."""
+    extra = {}
+    if documents:
+        try:
+            with_docs, extra = chat_with_documents(messages, documents, tokenizer)
+        except ValueError as err:
+            raise APIError(400, f"documents: {err}", param="documents") from err
+    else:
+        with_docs = messages
+    prompt = chat_prompt(tokenizer, with_docs, tokenize=False, **extra)
+    no_context = None
+    if params.context_contrast is not None:
+        no_context = tokenizer.encode(chat_prompt(tokenizer, messages, tokenize=False))
+    return prompt, tokenizer.encode(prompt), no_context
 
 
 def _or_400(fn, param: str):

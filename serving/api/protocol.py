@@ -107,9 +107,7 @@ class _Common(_Body):
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, **extra) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range."""
         if self.context_contrast is not None and not self.documents:
-            raise ValueError("context_contrast needs documents")
-        if self.documents is not None:
-            raise NotImplementedError("documents are not supported yet (they land with context contrast)")
+            raise ValueError("context_contrast needs documents: it contrasts the prompt with and without them")
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k, min_p=self.min_p,

@@ -23,24 +23,26 @@ class InvalidRequest(ValueError):
         self.param = param
 
 
-def admit(ids: list[int], params: SamplingParams, slots: list[ModelSlot], config: EngineConfig) -> int:
-    """Checks the request fits every model it runs on; returns its effective max_tokens."""
-    if not ids:
+def admit(prompts: dict[str, list[int]], streams: dict[str, ModelSlot], params: SamplingParams,
+          config: EngineConfig) -> int:
+    """Checks the request fits every model it runs on; returns its effective max_tokens.
+    `prompts` and `streams` give each stream's prompt ids and model slot; `main` is the longest."""
+    ids = prompts["main"]
+    if not all(prompts.values()):
         raise InvalidRequest("prompt must not be empty", "prompt")
     if params.beam_width > config.max_num_seqs:
         field = "best_of" if params.best_of else "n"
         raise InvalidRequest(f"{field} must be <= max_num_seqs ({config.max_num_seqs}): the request's "
                              f"{params.beam_width} hypotheses run in one batch; got {params.beam_width}", field)
-    _check_token_ids(ids, params, min(slot.vocab_size for slot in slots))
-    max_model_len = min(slot.max_model_len for slot in slots)
+    _check_token_ids(ids, params, min(slot.vocab_size for slot in streams.values()))
+    max_model_len = min(slot.max_model_len for slot in streams.values())
     room = max_model_len - len(ids)
     if room <= 0 or (params.max_tokens is not None and params.max_tokens > room):
         raise ContextLengthExceeded(
             f"this model's maximum context length is {max_model_len} tokens; the request has "
             f"{len(ids)} prompt tokens and asks for {params.max_tokens} more", "prompt" if room <= 0 else "max_tokens")
     max_tokens = room if params.max_tokens is None else params.max_tokens
-    for slot in slots:
-        _check_fits_pool(slot, len(ids), max_tokens, params, config.block_size)
+    _check_fits_pools(prompts, streams, max_tokens, params, config.block_size)
     return max_tokens
 
 
@@ -54,16 +56,25 @@ def _check_token_ids(prompt: list[int], params: SamplingParams, vocab: int) -> N
             raise InvalidRequest(f"{field} token ids must be < the vocabulary size {vocab}; got {outside[0]}", field)
 
 
-def _check_fits_pool(slot: ModelSlot, num_prompt: int, max_tokens: int, params: SamplingParams, bs: int) -> None:
-    # NOTE: a request that cannot fit the whole pool alone would wait forever; refuse it now.
-    pool = slot.kv.pool
+def _check_fits_pools(prompts: dict[str, list[int]], streams: dict[str, ModelSlot], max_tokens: int,
+                      params: SamplingParams, bs: int) -> None:
+    # NOTE: a request that cannot fit a whole pool alone would wait forever; refuse it now. Streams
+    # on the same model (main and no_context) share its pool, so their needs add up.
+    need: dict[str, int] = {}
+    for stream, slot in streams.items():
+        need[slot.name] = need.get(slot.name, 0) + _blocks_needed(len(prompts[stream]), max_tokens, params, bs)
+    for name, blocks in need.items():
+        slot = next(s for s in streams.values() if s.name == name)
+        if blocks > slot.kv.pool.num_blocks:
+            raise ValueError(
+                f"the request needs up to {blocks} KV blocks of {name!r} ({params.beam_width} hypotheses of up to "
+                f"{len(prompts['main']) + max_tokens} tokens, {len(streams)} stream(s)) but its cache holds "
+                f"{slot.kv.pool.num_blocks}; lower max_tokens or n")
+
+
+def _blocks_needed(num_prompt: int, max_tokens: int, params: SamplingParams, bs: int) -> int:
     num_children = params.beam_width  # best_of, n or the beam width: the hypotheses that run at once
-    need = -(-(num_prompt + max_tokens) // bs)
-    if num_children > 1:  # children share the prompt's full blocks, each owns the rest
-        need = num_prompt // bs + num_children * (-(-(num_prompt % bs + max_tokens) // bs))
-    if need > pool.num_blocks:
-        raise ValueError(
-            f"the request needs up to {need} KV blocks ({num_children} sequence(s) of up to "
-            f"{num_prompt + max_tokens} tokens) but the cache of {slot.name!r} holds {pool.num_blocks}; lower "
-            "max_tokens or n"
-        )
+    if num_children == 1:
+        return -(-(num_prompt + max_tokens) // bs)
+    # children share the prompt's full blocks, each owns the rest
+    return num_prompt // bs + num_children * (-(-(num_prompt % bs + max_tokens) // bs))

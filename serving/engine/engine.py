@@ -47,19 +47,28 @@ class Engine:
     # ---- requests in and out -------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    model: str | None = None, prompt_token_ids: list[int] | None = None) -> Request:
+                    model: str | None = None, prompt_token_ids: list[int] | None = None,
+                    no_context: str | list[int] | None = None) -> Request:
         """Queue a request on `model` (a served name; default: the first model). A text prompt is
-        tokenized here unless its `prompt_token_ids` are given (the server tokenizes off this thread)."""
+        tokenized here unless its `prompt_token_ids` are given (the server tokenizes off this thread).
+        With context contrast, `prompt` holds the documents and `no_context` is the same prompt
+        without them (text or token ids)."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if model is not None and model not in self.slots:
             raise InvalidRequest(f"model {model!r} is not served; served: {', '.join(self.slots)}", "model")
         slot = self.slots[model or self.default_model]
-        streams = self._streams(slot, params)
+        streams = self._streams(slot, params, no_context is not None)
         text, ids = (None, list(prompt)) if not isinstance(prompt, str) else \
             (prompt, list(prompt_token_ids) if prompt_token_ids is not None else slot.tokenizer.encode(prompt))
-        max_tokens = admit(ids, params, [self.slots[m] for m in streams.values()], self.config)
-        request = Request(request_id, text, ids, params, slot.eos_ids, max_tokens, streams)
+        stream_prompts = {}
+        if "no_context" in streams:
+            stream_prompts["no_context"] = slot.tokenizer.encode(no_context) if isinstance(no_context, str) \
+                else list(no_context)
+        prompts = {stream: stream_prompts.get(stream, ids) for stream in streams}
+        max_tokens = admit(prompts, {s: self.slots[m] for s, m in streams.items()}, params, self.config)
+        request = Request(request_id, text, ids, params, slot.eos_ids, max_tokens, streams,
+                          stream_prompts=stream_prompts)
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         request.hypotheses[0].detok = IncrementalDetokenizer.for_prompt(slot.tokenizer, ids, params.skip_special_tokens)
@@ -86,10 +95,13 @@ class Engine:
         pools_full = all(s.kv.pool.num_free_blocks == s.kv.pool.num_blocks for s in self.slots.values())
         return pools_full and not self.has_unfinished_requests()
 
-    def _streams(self, slot: ModelSlot, params: SamplingParams) -> dict[str, str]:
+    def _streams(self, slot: ModelSlot, params: SamplingParams, has_no_context: bool) -> dict[str, str]:
         """Stream name -> model slot for a request on `slot`."""
         if params.context_contrast is not None:
-            raise NotImplementedError("context_contrast is not supported yet")
+            if not has_no_context:
+                raise InvalidRequest("context_contrast needs documents: it contrasts the prompt with and "
+                                     "without them", "context_contrast")
+            return {"main": slot.name, "no_context": slot.name}
         if params.contrastive is None:
             return {"main": slot.name}
         amateur = params.contrastive.amateur
@@ -176,12 +188,12 @@ class Engine:
         hyps, tokenizer = request.hypotheses, self._tokenizer(request)
         rows = [Row(request.params, request.prompt_token_ids, h.output_ids, request.eos_ids) for h in hyps]
         is_first = not hyps[0].output_ids and len(hyps) == 1 and request.beam is None
-        amateur = torch.cat([logits[h.seqs["amateur"].seq_id][-1:] for h in hyps]) if "amateur" in request.streams \
-            else None
+        second = next((name for name in ("amateur", "no_context") if name in request.streams), None)
+        other = torch.cat([logits[h.seqs[second].seq_id][-1:] for h in hyps]) if second else None
         ends_text = (lambda parent, token: ends_in_stop_string(request, parent, token)) \
             if request.beam is not None and request.params.stop_strings else None
         return decoding_step.DecodeGroup(
-            request.params, rows, request.num_children if is_first else 1, request.generator, amateur,
+            request.params, rows, request.num_children if is_first else 1, request.generator, other,
             request.beam, lambda choice: finished_beam(request, choice, tokenizer, self._max_model_len(request)),
             ends_text)
 

@@ -29,7 +29,10 @@ def record_token(request: Request, hyp: Hypothesis, choice: TokenChoice, tokeniz
     if params.logprobs is not None:
         hyp.logprobs.append(_logprob_entry(token, choice.logprob, choice.rank, choice.top_logprobs, tokenizer))
     if params.return_decoding_info:
-        hyp.decoding_info.append({"main_logprob": choice.raw_logprob})
+        info = {"main_logprob": choice.raw_logprob}
+        if choice.context_weight is not None:
+            info["context_weight"] = choice.context_weight
+        hyp.decoding_info.append(info)
     new_text = hyp.detok.add(token)
     hyp.text += new_text
     return new_text

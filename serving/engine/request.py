@@ -96,10 +96,12 @@ class Request:
     num_preemptions: int = 0
     beam: BeamSearch | None = None
     error: str | None = None  # why the request ended early, when its decoding failed
+    stream_prompts: dict[str, list[int]] = field(default_factory=dict)  # a stream's own prompt (no_context)
 
     def __post_init__(self):
         if not self.hypotheses:
-            seqs = {stream: Sequence(model, list(self.prompt_token_ids)) for stream, model in self.streams.items()}
+            seqs = {stream: Sequence(model, list(self.stream_prompts.get(stream, self.prompt_token_ids)))
+                    for stream, model in self.streams.items()}
             self.hypotheses = [Hypothesis(0, seqs)]
         if self.params.use_beam_search and self.beam is None:
             p = self.params

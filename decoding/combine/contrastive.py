@@ -1,14 +1,13 @@
-"""Combine a hypothesis' stream logits into one vector (decoding/README.md, "Combine").
-
-Contrastive decoding (Li et al. 2023): c = log p_E − β·log p_A,τ on the expert's plausibility
-head V_head = {v : z_E(v) ≥ max z_E + ln α}, −inf elsewhere. Models whose embedding tables are
-padded to different sizes are compared on the common prefix of the vocabulary.
+"""Contrastive decoding, expert against amateur (Li et al. 2023, "Contrastive Decoding: Open-ended
+Text Generation as Optimization"): c = log p_E − β·log p_A,τ on the expert's plausibility head
+V_head = {v : z_E(v) ≥ max z_E + ln α}, −inf elsewhere.
 """
 
 import math
 
 import torch
 
+from counterpoint.decoding.combine.base import Combined, register, row_values
 from counterpoint.decoding.params import ContrastiveParams
 from counterpoint.decoding.processing import safe_divisor
 
@@ -17,19 +16,16 @@ PAD_SCORE = -1.0e4  # score of tokens added to a too-small head so beam search h
 LOG_FLOOR = -1.0e4
 
 
-def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[ContrastiveParams],
-                min_candidates: list[int]) -> torch.Tensor:
-    """(R, V_E) and (R, V_A) raw logits -> (R, V_E) float32 combined logits, one row per hypothesis.
+@register("contrastive")
+def contrastive(z_e: torch.Tensor, z_a: torch.Tensor, params: list[ContrastiveParams],
+                min_candidates: list[int]) -> Combined:
+    """(R, V) expert and amateur logits -> combined logits, one row per hypothesis.
 
     min_candidates[i] is the beam width of row i (1 outside beam search): a head smaller than that
     is padded with the next expert tokens at PAD_SCORE.
     """
-    vocab = min(expert.shape[-1], amateur.shape[-1])
-    z_e, z_a = expert[:, :vocab].float(), amateur[:, :vocab].float()
-    dev = z_e.device
-    alpha = torch.tensor([p.alpha for p in params], device=dev)[:, None]
-    beta = torch.tensor([p.beta for p in params], device=dev)[:, None]
-    tau = safe_divisor(torch.tensor([p.amateur_temperature for p in params], device=dev)[:, None])
+    alpha, beta = row_values(params, "alpha", z_e.device), row_values(params, "beta", z_e.device)
+    tau = safe_divisor(row_values(params, "amateur_temperature", z_e.device))
     log_p_e = torch.log_softmax(z_e, dim=-1)
     # NOTE: shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN)
     log_p_a = torch.log_softmax((z_a - z_a.max(dim=-1, keepdim=True).values) / tau, dim=-1).clamp(min=LOG_FLOOR)
@@ -39,9 +35,7 @@ def contrastive(expert: torch.Tensor, amateur: torch.Tensor, params: list[Contra
     combined = combined.masked_fill(~head, -math.inf)
     if max(min_candidates) > 1:
         combined = _pad_head(combined, z_e, head, min_candidates)
-    out = torch.full((expert.shape[0], expert.shape[-1]), -math.inf, device=dev)
-    out[:, :vocab] = combined
-    return out
+    return Combined(combined)
 
 
 def _pad_head(combined: torch.Tensor, z_e: torch.Tensor, head: torch.Tensor, widths: list[int]) -> torch.Tensor:

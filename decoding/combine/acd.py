@@ -1,0 +1,26 @@
+"""Adaptive contrastive decoding, ACD (Kim et al., Findings of EMNLP 2024, "Adaptive Contrastive
+Decoding in Retrieval-Augmented Generation for Handling Noisy Contexts"): each step
+w = H(p_noctx) / (H(p_noctx) + H(p_ctx)), clamped to [0, 1], and c = z_noctx + w·(z_ctx − z_noctx).
+Documents that make the model surer pull w to 1; noisy ones push it down, and the model's own
+knowledge leads."""
+
+import torch
+
+from counterpoint.decoding.combine.base import Combined, register
+
+ENTROPY_FLOOR = 1e-6  # both entropies below this: w = 0.5
+
+
+@register("acd")
+def acd(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[int]) -> Combined:
+    h_ctx, h_noctx = entropy(z_ctx), entropy(z_noctx)  # (R,)
+    both_tiny = (h_ctx < ENTROPY_FLOOR) & (h_noctx < ENTROPY_FLOOR)
+    # NOTE: where both are tiny the ratio is not used; the clamp only keeps 0/0 out of it.
+    ratio = h_noctx / (h_ctx + h_noctx).clamp(min=ENTROPY_FLOOR)
+    w = torch.where(both_tiny, torch.full_like(ratio, 0.5), ratio).clamp(0, 1)
+    return Combined(z_noctx + w[:, None] * (z_ctx - z_noctx), w)
+
+
+def entropy(z: torch.Tensor) -> torch.Tensor:
+    """(R, V) logits -> (R,) H(softmax(z)) in nats; entr handles p = 0."""
+    return torch.special.entr(torch.softmax(z, dim=-1)).sum(dim=-1)

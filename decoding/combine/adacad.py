@@ -1,0 +1,23 @@
+"""AdaCAD (Wang et al. 2024, "AdaCAD: Adaptively Decoding to Balance Conflicts between Contextual
+and Parametric Knowledge"): α = JSD(p_ctx ‖ p_noctx) in nats, floored at `min_alpha`, then
+c = (1+α)·z_ctx − α·z_noctx."""
+
+import torch
+
+from counterpoint.decoding.combine.base import Combined, register, row_values
+
+PROB_FLOOR = 1e-9  # probabilities are clamped here before the logs
+
+
+@register("adacad")
+def adacad(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[int]) -> Combined:
+    alpha = torch.maximum(jsd(z_ctx, z_noctx), row_values(params, "min_alpha", z_ctx.device)[:, 0])  # (R,)
+    return Combined((1 + alpha[:, None]) * z_ctx - alpha[:, None] * z_noctx, alpha)
+
+
+def jsd(z_p: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """(R, V) logits -> (R,) Jensen-Shannon divergence of their softmaxes, in nats."""
+    p = torch.softmax(z_p, dim=-1).clamp(min=PROB_FLOOR)
+    q = torch.softmax(z_q, dim=-1).clamp(min=PROB_FLOOR)
+    m = (p + q) / 2
+    return 0.5 * (p * (p.log() - m.log())).sum(dim=-1) + 0.5 * (q * (q.log() - m.log())).sum(dim=-1)
