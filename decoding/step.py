@@ -151,7 +151,7 @@ def _process(combined: torch.Tensor, raw: torch.Tensor, rows: list[Row]) -> torc
     one token that min_tokens bans, say), and log_softmax of all −inf is NaN; such a row is
     decoded from its main stream alone for this step."""
     logq = process(combined, rows)
-    if combined is raw:
+    if not any(row.params.combine_method for row in rows):
         return logq
     empty = torch.isneginf(logq).all(dim=-1) | torch.isnan(logq).any(dim=-1)
     if not bool(empty.any()):

@@ -411,16 +411,8 @@ def test_health_is_503_while_loading(llama_dir):
 def test_sigterm_drains_in_flight_requests(llama_dir):
     import json
     import signal
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "counterpoint.serving", "serve", "--model", f"{MODEL}={llama_dir}",
-                             "--port", str(port), "--shutdown-timeout", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve(llama_dir, "--shutdown-timeout", "20")
     try:
         assert wait_until(lambda: _healthy(url), timeout=60)
         body = {"model": MODEL, "prompt": [5, 17, 33], "max_tokens": 120, "stream": True, "ignore_eos": True}
@@ -444,19 +436,11 @@ def test_sigterm_drains_in_flight_requests(llama_dir):
 
 def test_sigterm_past_the_drain_timeout_ends_every_stream_cleanly(llama_dir):
     """With a drain timeout of 0, SIGTERM ends every open stream at once with an error event and
-    [DONE] (no connection cut mid-stream), refuses new requests, and the process exits promptly."""
+    [DONE] (no connection cut mid-stream), and the process exits promptly."""
     import json
     import signal
-    import subprocess
-    import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "counterpoint.serving", "serve", "--model", f"{MODEL}={llama_dir}",
-                             "--port", str(port), "--shutdown-timeout", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve(llama_dir, "--shutdown-timeout", "0")
     started = threading.Barrier(5)
     results = [None] * 4
 
@@ -486,6 +470,19 @@ def test_sigterm_past_the_drain_timeout_ends_every_stream_cleanly(llama_dir):
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         proc.kill()
+
+
+def start_serve(llama_dir, *flags):
+    """`counterpoint serve` in its own process on a free port: (process, base URL)."""
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "counterpoint.serving", "serve", "--model", f"{MODEL}={llama_dir}",
+                             "--port", str(port), *flags], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def _healthy(url) -> bool:

@@ -45,7 +45,7 @@ async def _read_body(receive, limit: int) -> tuple[bytes, bool]:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            return b"".join(chunks), True  # a disconnect: let the app see an empty body and end
+            return b"".join(chunks), True  # a disconnect: the app gets what came, fails to parse it, and ends
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         if size > limit:
