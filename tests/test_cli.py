@@ -29,7 +29,7 @@ def test_bad_flags_exit_2_with_one_line(llama_dir):
         proc = run("generate", "--model", str(llama_dir), "--prompt", "hi", *args)
         assert proc.returncode == 2
         assert proc.stderr.strip().splitlines()[-1].startswith("counterpoint")
-        assert f"usage: counterpoint generate" in proc.stderr  # the subcommand's usage, not the top level's
+        assert "usage: counterpoint generate" in proc.stderr  # the subcommand's usage, not the top level's
     proc = run("generate", "--model", "/nonexistent/model", "--prompt", "hi")
     assert proc.returncode == 2 and "config.json not found" in proc.stderr
     proc = run("serve", "--model", f"a={llama_dir}", "--model", f"a={llama_dir}")

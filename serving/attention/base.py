@@ -55,6 +55,13 @@ class KVCache:
         self.data[:, :, :, dst] = self.data[:, :, :, src]
 
 
+def write_kv(kv_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store the new tokens' k/v (T, Hkv, D) at (block, offset) in one layer's cache (2, Hkv, NB, bs, D).
+    NOTE: K and V move together: one index op costs half of two (measured on CPU)."""
+    kv_cache[:, :, blocks, offsets] = torch.stack([k, v]).transpose(1, 2)
+
+
 class AttentionBackend:
     """Base class: `prepare` once per step, then `attend` once per layer."""
 

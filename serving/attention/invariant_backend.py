@@ -6,7 +6,7 @@ than the batched path; it exists for reproducibility."""
 
 import torch
 
-from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend
+from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend, write_kv
 
 
 @register_backend("torch_invariant")
@@ -22,7 +22,7 @@ class InvariantTorchAttention(AttentionBackend):
 
     def attend(self, layer_idx, q, k, v):
         kv_cache = self.cache.layer(layer_idx)  # (2, Hkv, NB, bs, D)
-        kv_cache[:, :, self.store_blocks, self.store_offsets] = torch.stack([k, v]).transpose(1, 2)
+        write_kv(kv_cache, self.store_blocks, self.store_offsets, k, v)
         num_kv_heads, head_dim = kv_cache.shape[1], kv_cache.shape[-1]
         out, row = torch.empty_like(q), 0
         for table, qlen, context in zip(self.tables, self.meta.query_lens, self.meta.context_lens):

@@ -4,7 +4,7 @@ prefill chunks one sequence at a time through scaled_dot_product_attention."""
 import torch
 import torch.nn.functional as F
 
-from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend
+from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend, write_kv
 
 
 @register_backend("torch")
@@ -33,9 +33,8 @@ class TorchAttention(AttentionBackend):
         ]
 
     def attend(self, layer_idx, q, k, v):
-        # NOTE: K and V move together: one index op each way costs half of two (measured on CPU).
         kv_cache = self.cache.layer(layer_idx)  # (2, Hkv, NB, bs, D)
-        kv_cache[:, :, self.store_blocks, self.store_offsets] = torch.stack([k, v]).transpose(1, 2)
+        write_kv(kv_cache, self.store_blocks, self.store_offsets, k, v)
         out = torch.empty_like(q)
         n = self.meta.num_decodes
         if n:
