@@ -1,4 +1,4 @@
-"""The `counterpoint` command line (README.md): serve, generate, bench and train. Every bad flag
+"""The `counterpoint` command line (README.md): serve, generate, bench, eval and train. Every bad flag
 value ends in a one-line error naming the flag, under the subcommand's usage, and exit code 2.
 
 Heavy modules (torch, transformers) are imported inside the subcommands, so `--help` and argument
@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from counterpoint.serving.bench.cli import add_bench_parser, run_bench
+from counterpoint.serving.eval.cli import add_eval_parser, run_eval
 from counterpoint.serving.flags import add_engine_flags, engine_kwargs, non_negative_int, positive_int
 from counterpoint.training.cli import add_train_parser, run_train
 
@@ -127,15 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _generate_parser(sub)
     add_bench_parser(sub)
+    add_eval_parser(sub)
     add_train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded beside published results
     try:
         if args.command == "bench":
             run_bench(args)
+        elif args.command == "eval":
+            run_eval(args)
         elif args.command == "train":
             run_train(args)
         else:

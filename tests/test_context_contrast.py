@@ -192,6 +192,18 @@ def test_both_streams_count_against_the_pool(llama_dir, block_ids):
                        documents=DOCS, use_tqdm=False)
 
 
+def test_both_streams_count_against_max_num_seqs(llama_dir):
+    """With one sequence per step a contrasted request (two sequences) could never start: it is
+    refused up front, naming context_contrast; with two it runs."""
+    params = SamplingParams(max_tokens=3, temperature=0, context_contrast={"method": "acd"})
+    one = LLM(str(llama_dir), show_progress=False, max_num_seqs=1)
+    with pytest.raises(ValueError, match="max_num_seqs is 1") as err:
+        one.generate([[7, 8, 9]], params, documents=DOCS, use_tqdm=False)
+    assert err.value.param == "context_contrast"
+    two = LLM(str(llama_dir), show_progress=False, max_num_seqs=2)
+    assert len(two.generate([[7, 8, 9]], params, documents=DOCS, use_tqdm=False)[0].outputs[0].token_ids) == 3
+
+
 def test_context_contrast_errors(llm):
     with pytest.raises(ValueError, match="context_contrast needs documents") as err:
         llm.generate([PROMPTS[0]], SamplingParams(context_contrast={"method": "acd"}), use_tqdm=False)

@@ -24,6 +24,7 @@ RANKS = {
     "counterpoint.serving.llm": 3,
     "counterpoint.serving.flags": 3,
     "counterpoint.serving.bench": 4,
+    "counterpoint.serving.eval": 4,
     "counterpoint.serving.cli": 5,
     "counterpoint.serving.__main__": 5,
     "counterpoint.serving": 5,  # the package itself (its lazy `LLM`)

@@ -69,9 +69,19 @@ def _decoding_bench_parsers(bench) -> None:
     c.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
     c.add_argument("--alpha", type=float, default=0.1, help="contrastive plausibility threshold")
     c.add_argument("--beta", type=float, default=1.0, help="contrastive amateur weight")
-    _kernels_bench_parser(bench)
     for p in (b, c):
         p.add_argument("--input-len", type=positive_int, default=128, help="prompt length in tokens")
+    r = bench.add_parser("context-contrast", help="ACD / CAD / AdaCAD tokens/s over plain RAG greedy tokens/s")
+    r.add_argument("--model", required=True, help="local Hugging Face model directory")
+    r.add_argument("--method", choices=["acd", "cad", "adacad"], default="acd", help="the context contrast timed")
+    r.add_argument("--alpha", type=float, default=0.5, help="CAD's alpha")
+    r.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 16],
+                   help="requests in flight; one run each")
+    r.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
+    r.add_argument("--document-len", type=positive_int, default=256, help="tokens of the documents block")
+    r.add_argument("--question-len", type=positive_int, default=32, help="tokens of the question after it")
+    _kernels_bench_parser(bench)
+    for p in (b, c, r):
         p.add_argument("--output-len", type=positive_int, default=64, help="output tokens (EOS ignored)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
         p.add_argument("--json", default=None, help="write the results here")
@@ -112,10 +122,10 @@ def run_bench(args) -> None:
         from counterpoint.serving.bench.serve import serve_benchmark
 
         result = serve_benchmark(args)
-    elif args.bench in ("beam", "contrastive"):
+    elif args.bench in ("beam", "contrastive", "context-contrast"):
         from counterpoint.serving.bench import decoding
 
-        result = getattr(decoding, args.bench)(args)
+        result = getattr(decoding, args.bench.replace("-", "_"))(args)
     elif args.bench == "kernels":
         from counterpoint.serving.bench.kernels import kernels
 

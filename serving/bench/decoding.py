@@ -3,9 +3,12 @@
 `bench beam`: beam search against transformers' beam search on the same model and prompts, in one
 run, with the KV blocks beam search holds against a copy-everything baseline.
 `bench contrastive`: tokens/s of contrastive decoding divided by greedy tokens/s on the same expert.
+`bench context-contrast`: tokens/s of ACD (or CAD, AdaCAD) divided by plain RAG greedy tokens/s on
+the same model, documents and questions.
 """
 
 import dataclasses
+import itertools
 import time
 
 import torch
@@ -16,17 +19,24 @@ from counterpoint.serving.bench.workload import random_workload
 from counterpoint.serving.flags import engine_kwargs
 
 
-def _drive(engine, prompts, params, desc: str) -> tuple[float, int, int]:
-    """Run requests to the end; returns (seconds, peak blocks held, peak blocks a copy-everything
-    cache would hold: every live sequence owning all of its blocks)."""
-    for i, prompt in enumerate(prompts):
-        engine.add_request(f"{desc}-{i}", prompt, params)
+def _drive(engine, prompts, params, desc: str, no_contexts=None, in_flight: int | None = None) -> tuple:
+    """Run requests to the end, at most `in_flight` at a time (default: all); returns (seconds, peak
+    blocks held, peak blocks a copy-everything cache would hold: every live sequence owning all of
+    its blocks). `no_contexts`: each prompt without its documents, for context contrast."""
+    pending = iter(enumerate(prompts))
+
+    def submit(count: int) -> None:
+        for i, prompt in itertools.islice(pending, count):
+            engine.add_request(f"{desc}-{i}", prompt, params, no_context=no_contexts[i] if no_contexts else None)
+
+    submit(in_flight or len(prompts))
     bs, peak_used, peak_copy = engine.config.block_size, 0, 0
     start = time.perf_counter()
     with tqdm(total=len(prompts), desc=desc, leave=False) as bar:
         while engine.has_unfinished_requests():
-            for out in engine.step():
-                bar.update(int(out.finished))
+            finished = sum(out.finished for out in engine.step())
+            bar.update(finished)
+            submit(finished)
             used = sum(s.kv.pool.num_blocks - s.kv.pool.num_free_blocks for s in engine.slots.values())
             copy = sum(-(-seq.num_computed_tokens // bs) for r in engine.scheduler.running for seq in r.sequences())
             peak_used, peak_copy = max(peak_used, used), max(peak_copy, copy)
@@ -104,3 +114,37 @@ def contrastive(args) -> dict:
     return dict(benchmark="contrastive", model=args.model, amateur=args.amateur, dtype=args.dtype,
                 input_len=args.input_len, output_len=args.output_len, threads=torch.get_num_threads(),
                 results=results)
+
+
+def context_contrast(args) -> dict:
+    """Every prompt is a documents block followed by a question (random tokens of the two
+    lengths); plain RAG greedy reads only the whole prompt, the contrast also the question alone."""
+    from counterpoint.serving.llm import LLM
+
+    results = []
+    for concurrency in args.concurrency:
+        # NOTE: a contrasted request runs two sequences (with and without the documents)
+        llm = LLM(args.model, max_num_seqs=2 * concurrency, show_progress=False, enable_prefix_caching=False,
+                  **engine_kwargs(args))
+        engine = llm.engine
+        num = args.num_prompts or max(4, 2 * concurrency)
+        vocab = engine.main.vocab_size
+        docs = random_workload(num, args.document_len, 1, 0.0, vocab, args.seed).prompts
+        questions = random_workload(num, args.question_len, 1, 0.0, vocab, args.seed + 1).prompts
+        prompts = [d + q for d, q in zip(docs, questions)]
+        rag = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+        contrast = dataclasses.replace(rag, context_contrast={"method": args.method, "alpha": args.alpha})
+        for warm, no_context in ((rag, None), (contrast, questions[:1])):  # allocation and kernel choice
+            _drive(engine, prompts[:1], dataclasses.replace(warm, max_tokens=2), "warm-up", no_context)
+        tokens = num * args.output_len
+        rag_s = _drive(engine, prompts, rag, f"rag c={concurrency}", in_flight=concurrency)[0]
+        contrast_s = _drive(engine, prompts, contrast, f"{args.method} c={concurrency}", questions, concurrency)[0]
+        row = dict(concurrency=concurrency, num_prompts=num, rag_tok_s=tokens / rag_s,
+                   contrast_tok_s=tokens / contrast_s, ratio=rag_s / contrast_s)
+        print(f"concurrency {concurrency}: plain RAG {row['rag_tok_s']:.1f} tok/s | {args.method} "
+              f"{row['contrast_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}", flush=True)
+        results.append(row)
+        del llm, engine
+    return dict(benchmark="context-contrast", method=args.method, model=args.model, dtype=args.dtype,
+                document_len=args.document_len, question_len=args.question_len, output_len=args.output_len,
+                threads=torch.get_num_threads(), results=results)

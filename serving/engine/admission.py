@@ -30,10 +30,7 @@ def admit(prompts: dict[str, list[int]], streams: dict[str, ModelSlot], params: 
     ids = prompts["main"]
     if not all(prompts.values()):
         raise InvalidRequest("prompt must not be empty", "prompt")
-    if params.beam_width > config.max_num_seqs:
-        field = "best_of" if params.best_of else "n"
-        raise InvalidRequest(f"{field} must be <= max_num_seqs ({config.max_num_seqs}): the request's "
-                             f"{params.beam_width} hypotheses run in one batch; got {params.beam_width}", field)
+    _check_fits_batch(streams, params, config.max_num_seqs)
     _check_token_ids(ids, params, min(slot.vocab_size for slot in streams.values()))
     max_model_len = min(slot.max_model_len for slot in streams.values())
     room = max_model_len - len(ids)
@@ -44,6 +41,21 @@ def admit(prompts: dict[str, list[int]], streams: dict[str, ModelSlot], params: 
     max_tokens = room if params.max_tokens is None else params.max_tokens
     _check_fits_pools(prompts, streams, max_tokens, params, config.block_size)
     return max_tokens
+
+
+def _check_fits_batch(streams: dict[str, ModelSlot], params: SamplingParams, max_num_seqs: int) -> None:
+    """A request's sequences on one model run in one batch; more than max_num_seqs would wait forever."""
+    per_model: dict[str, int] = {}
+    for slot in streams.values():
+        per_model[slot.name] = per_model.get(slot.name, 0) + params.beam_width
+    if params.beam_width > max_num_seqs:
+        field = "best_of" if params.best_of else "n"
+        raise InvalidRequest(f"{field} must be <= max_num_seqs ({max_num_seqs}): the request's "
+                             f"{params.beam_width} hypotheses run in one batch; got {params.beam_width}", field)
+    if max(per_model.values()) > max_num_seqs:
+        raise InvalidRequest(f"context_contrast runs each of the {params.beam_width} hypotheses twice on the model "
+                             f"(with and without the documents), {max(per_model.values())} sequences in one batch, "
+                             f"but max_num_seqs is {max_num_seqs}", "context_contrast")
 
 
 def _check_token_ids(prompt: list[int], params: SamplingParams, vocab: int) -> None:
