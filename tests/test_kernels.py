@@ -189,6 +189,23 @@ def test_decode_graph_buffers_pad_batches_without_touching_the_cache(llama_dir):
     assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(llama_dir, p, n) for p, n in zip(prompts, lengths)]
 
 
+def test_decode_graphs_carry_the_no_context_stream(llama_dir):
+    """ACD's second stream (the prompt without its documents) runs in the same decode graphs as
+    the main one: steps replay, and the tokens equal those of the torch path without graphs."""
+    from counterpoint.decoding import SamplingParams
+    from counterpoint.serving import LLM
+
+    prompts, documents = ["the cat sat", "a b c d"], [["one two three four"], ["five six"]]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, context_contrast={"method": "acd"})
+    graphed = LLM(str(llama_dir), attention_backend="triton", device=DEVICE, dtype="float32", block_size=8,
+                  max_num_seqs=4, show_progress=False)
+    graphed.engine.main.runner.capture_decode_graphs([2, 4], 48, show_progress=False)
+    eager = LLM(str(llama_dir), attention_backend="torch", dtype="float32", block_size=8, show_progress=False)
+    outs = [llm.generate(prompts, params, documents=documents, use_tqdm=False) for llm in (graphed, eager)]
+    assert graphed.engine.main.runner.graphs.replays > 0
+    assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
+
+
 def test_decode_graph_batch_buckets():
     from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
 
