@@ -119,6 +119,14 @@ def test_bench_beam_and_contrastive_write_json(llama_dir, amateur_dir, tmp_path)
     assert [r["concurrency"] for r in json.loads((tmp_path / "cd.json").read_text())["results"]] == [1, 2]
 
 
+def test_bench_context_contrast_writes_json(llama_dir, tmp_path):
+    proc = run("bench", "context-contrast", "--model", str(llama_dir), "--concurrency", "1", "2", "--document-len",
+               "12", "--question-len", "4", "--output-len", "3", "--json", str(tmp_path / "cc.json"))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads((tmp_path / "cc.json").read_text())["results"]
+    assert [r["concurrency"] for r in rows] == [1, 2] and all(r["contrast_tok_s"] > 0 for r in rows)
+
+
 def test_help_does_not_import_torch():
     """`counterpoint --help` must answer fast: the CLI imports heavy modules only in a subcommand."""
     code = "import sys\nfrom counterpoint.serving.cli import build_parser\nbuild_parser()\n" \
