@@ -7,6 +7,7 @@ import pytest
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.cli import main
+from counterpoint.serving.eval.backends import Completion
 from counterpoint.serving.eval.datasets import load
 from counterpoint.serving.eval.quality import MAX_TOKENS
 from counterpoint.serving.eval.metrics import distinct_n, exact_match, extract_number, rep_n
@@ -65,7 +66,7 @@ class Scripted:
     def run(self, queries, body, bar):
         method = (body.get("context_contrast") or {}).get("method", "rag")
         bar.update(len(queries))
-        return [type("C", (), {"text": self.script(q.text, q.documents[0] if q.documents else None, method)})
+        return [Completion(self.script(q.text, q.documents[0] if q.documents else None, method), 1)
                 for q in queries]
 
 
