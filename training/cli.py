@@ -23,6 +23,7 @@ def add_train_parser(sub) -> None:
     defaults.add_argument("--steps", type=int, default=None, help="distillation steps (default 300)")
     _pretrain_parser(train)
     _distill_parser(train)
+    _world_parser(train)
     ppl = train.add_parser("perplexity", help="held-out perplexity of models on the same text")
     ppl.add_argument("models", nargs="+")
     ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
@@ -71,6 +72,18 @@ def _pretrain_parser(train) -> None:
     _add_loop_flags(p, steps=300)
 
 
+def _world_parser(train) -> None:
+    p = train.add_parser("world", help="the synthetic world for context contrast: its questions and a model "
+                                       "trained on part of it")
+    p.add_argument("out", help="output directory: the model, world.jsonl and the training text")
+    p.add_argument("--entities", dest="num_entities", nargs=3, type=int, default=[25, 25, 8000],
+                   metavar=("KNOWN", "HELD_OUT", "READING"),
+                   help="countries learned by heart, held out for evaluation, and only read from passages")
+    p.add_argument("--steps", type=int, default=1500, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the world and of the training")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+
+
 def run_train(args: argparse.Namespace) -> None:
     if args.train == "import-gguf":
         from counterpoint.training.gguf_import import import_gguf
@@ -100,6 +113,19 @@ def run_train(args: argparse.Namespace) -> None:
                                         files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in fields}))
         print(f"KL to the teacher {metrics['val_kl_before']:.3f} -> {metrics['val_kl']:.3f}; "
               f"validation perplexity {metrics['val_perplexity']:.1f} after {metrics['steps']} steps")
+    elif args.train == "world":
+        from pathlib import Path
+
+        import torch
+
+        from counterpoint.training.world_train import WorldConfig, summary, train_world
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        known, held_out, reading = args.num_entities
+        metrics = train_world(WorldConfig(out=Path(args.out), seed=args.seed, steps=args.steps, num_known=known,
+                                          num_held_out=held_out, num_reading=reading))
+        print(summary(metrics))
     elif args.train == "perplexity":
         from pathlib import Path
 
