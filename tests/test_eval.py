@@ -126,12 +126,15 @@ def test_eval_rag_offline_and_over_http_give_the_engine_answers(llama_dir, quest
     assert (tmp_path / "rag.png").stat().st_size > 0
 
 
-def test_eval_decoding_offline_and_over_http(llama_dir, tmp_path, one_thread):
+def test_eval_decoding_offline_and_over_http(llama_dir, amateur_dir, tmp_path, one_thread):
     config = ["--config", 'greedy={"temperature": 0}', "--config", 'penalty={"temperature": 0, '
               '"repetition_penalty": 1.2}', "--limit", "2", "--scorer", str(llama_dir)]
     offline, served = tmp_path / "offline.json", tmp_path / "served.json"
+    cd = ["--config", 'cd={"temperature": 0, "contrastive": {"amateur": "small", "beta": 0.5}}',
+          "--amateur", f"small={amateur_dir}", "--sets", "factual"]
     main(["eval", "decoding", "--model", str(llama_dir), *config, "--json", str(offline), "--plot",
           str(tmp_path / "decoding.png")])
+    main(["eval", "decoding", "--model", str(llama_dir), *cd, "--limit", "2", "--json", str(tmp_path / "cd.json")])
     server = Server(llama_dir)
     try:
         main(["eval", "decoding", "--base-url", server.url + "/v1", *config, "--json", str(served)])
@@ -139,10 +142,14 @@ def test_eval_decoding_offline_and_over_http(llama_dir, tmp_path, one_thread):
         server.stop()
     offline, served = json.loads(offline.read_text()), json.loads(served.read_text())
     assert served["outputs"] == offline["outputs"]
-    questions = [item["question"] for item in load("factual")[:2]]
-    direct = LLM(str(llama_dir), show_progress=False).chat(
-        [[{"role": "user", "content": q}] for q in questions],
-        SamplingParams(temperature=0, max_tokens=MAX_TOKENS["factual"]), use_tqdm=False)
+    factual = load("factual")
+    conversations = [[{"role": "user", "content": item["question"]}] for item in (factual[0], factual[len(factual) // 2])]
+    llm = LLM(str(llama_dir), amateur=str(amateur_dir), show_progress=False)
+    direct = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=MAX_TOKENS["factual"]), use_tqdm=False)
     assert offline["outputs"]["greedy"]["factual"] == [o.outputs[0].text for o in direct]
+    contrasted = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=MAX_TOKENS["factual"], contrastive={
+        "amateur": "amateur", "beta": 0.5}), use_tqdm=False)
+    assert json.loads((tmp_path / "cd.json").read_text())["outputs"]["cd"]["factual"] == [
+        o.outputs[0].text for o in contrasted]
     row = offline["table"]["greedy"]
     assert row["coherence"] < 0 and 0 <= row["rep-2"] <= 100 and row["length"] > 0

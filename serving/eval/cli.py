@@ -22,6 +22,9 @@ def add_eval_parser(sub) -> None:
                           "{\"amateur\": \"smollm2-amateur\"}}' (repeat; default: the README's table)")
     dec.add_argument("--sets", nargs="+", choices=["open_ended", "factual", "arithmetic"],
                      default=["open_ended", "factual", "arithmetic"], help="evaluation sets to run")
+    dec.add_argument("--amateur", action="append", default=None, metavar="NAME=DIR",
+                     help="offline: load this amateur under NAME for the configurations' \"contrastive\" "
+                          "(repeat; default with --config: none; without: the bundled amateurs)")
     dec.add_argument("--scorer", default=None,
                      help="model directory whose log-likelihood measures coherence (default: the evaluated model "
                           "offline, the bundled model with --base-url)")
@@ -36,7 +39,7 @@ def add_eval_parser(sub) -> None:
         p.add_argument("--format", choices=["auto", "chat", "qa"], default="auto",
                        help="chat messages, or 'Question: ...\\nAnswer:' completions (auto: chat when the model "
                             "has a chat template; always chat with --base-url)")
-        p.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each set")
+        p.add_argument("--limit", type=positive_int, default=None, help="only N items of each set, spread evenly over it (every category)")
         p.add_argument("--json", default=None, help="write the table, settings and every output here")
         p.add_argument("--plot", default=None, help="draw the table as bars into this PNG file")
         add_engine_flags(p)
@@ -51,11 +54,11 @@ def run_eval(args) -> None:
 
 
 def _run_rag(args) -> dict:
-    from counterpoint.serving.eval.datasets import PASSAGE_KINDS, load, load_file
+    from counterpoint.serving.eval.datasets import PASSAGE_KINDS, load, load_file, spread
     from counterpoint.serving.eval.rag import evaluate_rag
     from counterpoint.serving.eval.report import format_table, plot_bars
 
-    items = (load_file(args.questions) if args.questions else load("factual"))[: args.limit]
+    items = spread(load_file(args.questions) if args.questions else load("factual"), args.limit)
     result = evaluate_rag(_backend(args, {}), items, args.max_tokens)
     table = result.table()
     columns = [f"{split}/{kind}" for split in ("known", "unknown") for kind in (*PASSAGE_KINDS, "kept-own")]
@@ -78,7 +81,7 @@ def _run_decoding(args) -> dict:
     from counterpoint.serving.eval.report import format_table, plot_bars
 
     configs = _configs(args)
-    amateurs = {} if configs or args.base_url else _default_amateurs()
+    amateurs = _amateurs(args) if configs or args.base_url else _default_amateurs()
     configs = configs or default_configs({label: name for label, (name, _) in amateurs.items()})
     backend = _backend(args, dict(amateurs.values()))
     scorer = None
@@ -105,6 +108,17 @@ def _default_amateurs() -> dict[str, tuple[str, str]]:
         if path is not None and path not in seen:
             seen.add(path)
             out[label] = (path.name, str(path))
+    return out
+
+
+def _amateurs(args) -> dict[str, tuple[str, str]]:
+    """--amateur NAME=DIR as label -> (served name, directory)."""
+    out = {}
+    for text in args.amateur or []:
+        name, sep, path = text.partition("=")
+        if not sep or not name or not path:
+            args.parser.error(f"--amateur must be NAME=DIR; got {text!r}")
+        out[name] = (name, path)
     return out
 
 

@@ -32,3 +32,11 @@ def load_file(path: str | Path) -> list[dict]:
 
 def _lines(fh) -> list[dict]:
     return [json.loads(line) for line in fh if line.strip()]
+
+
+def spread(items: list, limit: int | None) -> list:
+    """`limit` items spread evenly over `items` (the sets are grouped by category, so the first N
+    would be one category); all of them without a limit."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    return [items[i * len(items) // limit] for i in range(limit)]

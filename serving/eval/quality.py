@@ -9,11 +9,11 @@
 from tqdm import tqdm
 
 from counterpoint.serving.eval.backends import QA_FORMAT, Query
-from counterpoint.serving.eval.datasets import load
+from counterpoint.serving.eval.datasets import load, spread
 from counterpoint.serving.eval.metrics import distinct_n, exact_match, extract_number, rep_n
 
 SETS = ("open_ended", "factual", "arithmetic")
-MAX_TOKENS = {"open_ended": 128, "factual": 32, "arithmetic": 48}
+MAX_TOKENS = {"open_ended": 256, "factual": 32, "arithmetic": 48}
 COLUMNS = ["rep-2", "rep-3", "rep-4", "distinct-2", "distinct-3", "distinct-4", "coherence", "length",
            "factual EM", "arithmetic acc"]
 
@@ -34,7 +34,7 @@ def default_configs(amateurs: dict[str, str]) -> dict[str, dict]:
 def evaluate_decoding(backend, configs: dict[str, dict], sets: tuple[str, ...], limit: int | None,
                       scorer=None) -> tuple[dict, dict]:
     """Returns (config -> metric -> value, config -> set -> outputs)."""
-    data = {name: load(name)[:limit] for name in sets}
+    data = {name: spread(load(name), limit) for name in sets}
     total = len(configs) * sum(len(items) for items in data.values())
     table, outputs = {}, {}
     with tqdm(total=total, desc="eval decoding", unit="req") as bar:
