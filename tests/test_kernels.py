@@ -53,6 +53,7 @@ def test_store_kv_matches_reference():
     (4, 4, 64, 16, [1, 17, 40]),  # GQA 1, partial last blocks
     (8, 2, 64, 8, [33]),  # GQA 4, one sequence
     (8, 1, 128, 16, [5, 70, 16, 129]),  # GQA 8, head size 128, many sequences
+    (4, 2, 64, 16, [700, 90]),  # long enough for the long-split tiles with one or few splits
 ])
 def test_paged_decode_matches_reference(num_heads, num_kv_heads, head_dim, block_size, lengths):
     from counterpoint.kernels.paged_decode import paged_decode
@@ -66,6 +67,8 @@ def test_paged_decode_matches_reference(num_heads, num_kv_heads, head_dim, block
         # Several splits force the split-K merge; 16 leaves the short sequences with empty splits.
         for splits in (None, 1, 3, 16):
             assert_close(paged_decode(q, cache, tables, lens, scale, num_splits=splits), expected, dtype)
+        # A host bound on the context, as the engine passes, picks the tile size (long splits: 64 keys).
+        assert_close(paged_decode(q, cache, tables, lens, scale, max(lengths), num_splits=1), expected, dtype)
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,chunks", [
