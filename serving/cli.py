@@ -29,8 +29,10 @@ def _generate_parser(sub) -> None:
     p.add_argument("--beam-width", type=positive_int, default=None, help="beam search of this width")
     p.add_argument("--amateur", default=None,
                    help="contrastive decoding against this model directory ('default': the bundled amateur)")
-    p.add_argument("--cd-alpha", type=float, default=0.1, help="contrastive plausibility threshold alpha in (0, 1]")
-    p.add_argument("--cd-beta", type=float, default=1.0, help="contrastive amateur weight beta >= 0")
+    p.add_argument("--cd-alpha", type=float, default=None,
+                   help="contrastive plausibility threshold alpha in (0, 1] (default: SamplingParams')")
+    p.add_argument("--cd-beta", type=float, default=None,
+                   help="contrastive amateur weight beta >= 0 (default: SamplingParams')")
     p.add_argument("--document", action="append", default=None, metavar="TEXT",
                    help="a retrieved passage, rendered before the prompt (repeat for more)")
     p.add_argument("--context-contrast", choices=["acd", "cad", "adacad"], default=None,
@@ -102,7 +104,10 @@ def run_generate(args) -> None:
         defaults = default_models()
         model = model or str(defaults.expert)
         amateur = str(defaults.amateur) if amateur == "default" else amateur
-    contrastive = {"amateur": AMATEUR, "alpha": args.cd_alpha, "beta": args.cd_beta} if amateur else None
+    contrastive = None
+    if amateur:
+        given = {"alpha": args.cd_alpha, "beta": args.cd_beta}
+        contrastive = {"amateur": AMATEUR, **{k: v for k, v in given.items() if v is not None}}
     context = {"method": args.context_contrast, "alpha": args.cc_alpha} if args.context_contrast else None
     if context and not args.document:
         args.parser.error("--context-contrast needs at least one --document")
