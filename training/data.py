@@ -43,9 +43,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 def pack(texts: list[str], tokenizer, seq_len: int, val_fraction: float,
          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Documents joined by EOS and cut into (N, seq_len + 1) rows; documents split train/validation."""
-    docs = list(texts)
-    random.Random(seed).shuffle(docs)
-    num_val = max(1, int(len(docs) * val_fraction))
 
     def rows(part: list[str]) -> torch.Tensor:
         ids = []
@@ -54,8 +51,17 @@ def pack(texts: list[str], tokenizer, seq_len: int, val_fraction: float,
         usable = len(ids) // (seq_len + 1) * (seq_len + 1)
         return torch.tensor(ids[:usable]).view(-1, seq_len + 1)
 
-    train, val = rows(docs[num_val:]), rows(docs[:num_val])
+    train_docs, val_docs = split_documents(texts, val_fraction, seed)
+    train, val = rows(train_docs), rows(val_docs)
     if not len(train) or not len(val):
         raise ValueError(f"the corpus is too small for {seq_len}-token rows in both splits "
                          f"({len(train)} train, {len(val)} validation); give more text or a shorter seq_len")
     return train, val
+
+
+def split_documents(texts: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, validation): the documents shuffled by `seed`, then at least one held out."""
+    docs = list(texts)
+    random.Random(seed).shuffle(docs)
+    num_val = max(1, int(len(docs) * val_fraction))
+    return docs[num_val:], docs[:num_val]

@@ -5,13 +5,16 @@ Standard fields follow the OpenAI API; the extensions of serving/api/README.md s
 """
 
 import math
+from dataclasses import fields
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from counterpoint.decoding import SamplingParams
-from counterpoint.decoding.params import CONTEXT_CONTRAST_METHODS
+from counterpoint.decoding.params import CONTEXT_CONTRAST_METHODS, ContrastiveParams
+
+_CD_DEFAULTS = {f.name: f.default for f in fields(ContrastiveParams)}
 
 MAX_PROMPTS = 1024  # prompts in one completions request; a larger batch is a 400
 
@@ -60,9 +63,9 @@ class ContrastiveBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     amateur: str
-    alpha: float = 0.1
-    beta: float = 1.0
-    amateur_temperature: float = 1.0
+    alpha: float = _CD_DEFAULTS["alpha"]
+    beta: float = _CD_DEFAULTS["beta"]
+    amateur_temperature: float = _CD_DEFAULTS["amateur_temperature"]
 
 
 class ContextContrastBody(BaseModel):
