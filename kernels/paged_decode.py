@@ -21,7 +21,8 @@ from counterpoint.kernels.checks import check_same_device, check_tensor, dot_pre
 BLOCK_N = 16  # keys per inner tile: tl.dot needs at least 16
 # NOTE: a split that runs over many keys streams them faster in bigger tiles (more loads in flight
 # per iteration); on an H200 64-key tiles took 1.9x less time at 1 x 32768 keys and 1.6x at
-# 64 x 2048, but 1.6x more at 8 x 512, hence only from LONG_SPLIT keys per split on.
+# 64 x 2048, but 1.6x more at 8 x 512, hence only from LONG_SPLIT keys per split on (by the
+# host's bound on the longest context).
 LONG_BLOCK_N = 64
 LONG_SPLIT = 512
 MAX_SPLITS = 64
@@ -78,10 +79,13 @@ def _merge_kernel(acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits, stride_as, str
 
 
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-                 scale: float, max_context_len: int | None = None, num_splits: int | None = None) -> torch.Tensor:
+                 scale: float, max_context_len: int | None = None, num_splits: int | None = None,
+                 long_tiles: bool = True) -> torch.Tensor:
     """q: (S, Hq, D); kv_cache: (2, Hkv, num_blocks, block_size, D); block_tables: (S, max_blocks);
     context_lens: (S,) >= 1 -> (S, Hq, D). max_context_len (a host int) bounds the splits without a
-    sync; num_splits (default: default_num_splits) sets the programs per (sequence, KV head)."""
+    sync; num_splits (default: default_num_splits) sets the programs per (sequence, KV head).
+    long_tiles=False keeps 16-key tiles whatever max_context_len says: a CUDA graph captured at the
+    longest context replays at short ones too."""
     _check(q, kv_cache, block_tables, context_lens, num_splits)
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[1]
@@ -92,7 +96,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Te
     if num_splits is None:
         max_len = max_len if max_len is not None else int(context_lens.max())
         num_splits = default_num_splits(num_seqs, num_kv_heads, max_len, q.device)
-    block_n = LONG_BLOCK_N if max_len is not None and max_len >= LONG_SPLIT * num_splits else BLOCK_N
+    long_splits = long_tiles and max_len is not None and max_len >= LONG_SPLIT * num_splits
+    block_n = LONG_BLOCK_N if long_splits else BLOCK_N
     acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     stats = torch.empty(2, num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
     group, block_d = num_heads // num_kv_heads, next_power_of_2(head_dim)

@@ -81,8 +81,9 @@ class DecodeGraphs:
 
     def _step(self, size: int) -> None:
         """The model over the first `size` rows of the static buffers, into self.hidden."""
+        # NOTE: short tiles: the graph is captured at the longest context but mostly replays at short ones.
         self.backend.prepare_decode(self.cache, self.slots[:size], self.tables[:size], self.context_lens[:size],
-                                    self.max_context)
+                                    self.max_context, long_tiles=False)
         self.hidden[:size] = self.model(self.input_ids[:size], self.positions[:size], self.backend)
 
     def _warm_up(self, step) -> None:

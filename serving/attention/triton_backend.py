@@ -29,11 +29,12 @@ class TritonAttention(AttentionBackend):
         self.max_query_len = max(prefill_qlens, default=0)
 
     def prepare_decode(self, cache: KVCache, slot_mapping: torch.Tensor, tables: torch.Tensor,
-                       context_lens: torch.Tensor, max_decode_len: int) -> None:
+                       context_lens: torch.Tensor, max_decode_len: int, long_tiles: bool = True) -> None:
         """A step of decodes alone over tensors the caller owns: the CUDA graphs' static buffers.
-        `max_decode_len` (a host int) caps the split-K splits at the tiles of the longest context."""
+        `max_decode_len` (a host int) caps the split-K splits at the tiles of the longest context;
+        `long_tiles`: see paged_decode."""
         self.cache, self.slot_mapping, self.tables, self.context_lens = cache, slot_mapping, tables, context_lens
-        self.max_decode_len = max_decode_len
+        self.max_decode_len, self.long_tiles = max_decode_len, long_tiles
         self.num_decodes = tables.shape[0]
 
     def attend(self, layer_idx, q, k, v):
@@ -41,11 +42,12 @@ class TritonAttention(AttentionBackend):
         store_kv(k, v, kv_cache, self.slot_mapping)
         n = self.num_decodes
         if n == q.shape[0]:
-            return paged_decode(q, kv_cache, self.tables, self.context_lens, self.scale, self.max_decode_len)
+            return paged_decode(q, kv_cache, self.tables, self.context_lens, self.scale, self.max_decode_len,
+                                long_tiles=self.long_tiles)
         out = torch.empty_like(q)
         if n:
             out[:n] = paged_decode(q[:n], kv_cache, self.tables[:n], self.context_lens[:n], self.scale,
-                                   self.max_decode_len)
+                                   self.max_decode_len, long_tiles=self.long_tiles)
         out[n:] = paged_prefill(q[n:], kv_cache, self.tables[n:], self.query_starts, self.query_lens,
                                 self.context_lens[n:], self.scale, self.max_query_len)
         return out
