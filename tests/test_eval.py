@@ -135,6 +135,10 @@ def test_eval_decoding_offline_and_over_http(llama_dir, amateur_dir, tmp_path, o
     main(["eval", "decoding", "--model", str(llama_dir), *config, "--json", str(offline), "--plot",
           str(tmp_path / "decoding.png")])
     main(["eval", "decoding", "--model", str(llama_dir), *cd, "--limit", "2", "--json", str(tmp_path / "cd.json")])
+    # Without --config, --amateur replaces the bundled amateurs in the default table.
+    main(["eval", "decoding", "--model", str(llama_dir), *cd[2:], "--limit", "1", "--json", str(tmp_path / "t.json")])
+    assert set(json.loads((tmp_path / "t.json").read_text())["table"]) == {
+        "greedy", "sampling T=0.7 p=0.9", "repetition penalty 1.2", "beam 4", "CD (small)"}
     server = Server(llama_dir)
     try:
         main(["eval", "decoding", "--base-url", server.url + "/v1", *config, "--json", str(served)])

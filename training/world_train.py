@@ -48,7 +48,8 @@ def train_world(cfg: WorldConfig, show_progress: bool = True) -> dict:
     started = time.perf_counter()
     out = Path(cfg.out)
     world = make_world(cfg.seed, cfg.num_known, cfg.num_held_out, cfg.num_reading)
-    shards = write_training_text(training_examples(world, cfg.seed, cfg.repeats, cfg.passage_every), out / "world-train")
+    examples = training_examples(world, cfg.seed, cfg.repeats, cfg.passage_every)
+    shards = write_training_text(examples, out / "world-train")
     questions = eval_questions(world, cfg.seed)
     (out / "world.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     metrics = pretrain(PretrainConfig(out=out, files=shards, preset=cfg.preset, vocab_size=cfg.vocab_size,

@@ -24,7 +24,8 @@ def add_eval_parser(sub) -> None:
                      default=["open_ended", "factual", "arithmetic"], help="evaluation sets to run")
     dec.add_argument("--amateur", action="append", default=None, metavar="NAME=DIR",
                      help="offline: load this amateur under NAME for the configurations' \"contrastive\" "
-                          "(repeat; default with --config: none; without: the bundled amateurs)")
+                          "(repeat; without --config, the default table contrasts against these instead of the "
+                          "bundled amateurs)")
     dec.add_argument("--scorer", default=None,
                      help="model directory whose log-likelihood measures coherence (default: the evaluated model "
                           "offline, the bundled model with --base-url)")
@@ -39,7 +40,8 @@ def add_eval_parser(sub) -> None:
         p.add_argument("--format", choices=["auto", "chat", "qa"], default="auto",
                        help="chat messages, or 'Question: ...\\nAnswer:' completions (auto: chat when the model "
                             "has a chat template; always chat with --base-url)")
-        p.add_argument("--limit", type=positive_int, default=None, help="only N items of each set, spread evenly over it (every category)")
+        p.add_argument("--limit", type=positive_int, default=None,
+                       help="only N items of each set, spread evenly over it (every category)")
         p.add_argument("--json", default=None, help="write the table, settings and every output here")
         p.add_argument("--plot", default=None, help="draw the table as bars into this PNG file")
         add_engine_flags(p)
@@ -81,7 +83,7 @@ def _run_decoding(args) -> dict:
     from counterpoint.serving.eval.report import format_table, plot_bars
 
     configs = _configs(args)
-    amateurs = _amateurs(args) if configs or args.base_url else _default_amateurs()
+    amateurs = _amateurs(args) if configs or args.base_url or args.amateur else _default_amateurs()
     configs = configs or default_configs({label: name for label, (name, _) in amateurs.items()})
     backend = _backend(args, dict(amateurs.values()))
     scorer = None
