@@ -11,6 +11,8 @@ from transformers import AutoConfig
 from counterpoint.serving.models.llama import LlamaForCausalLM
 from counterpoint.serving.models.shape import LlamaShape
 from counterpoint.serving.models.weights import load_weights
+from counterpoint.serving.quant import weight_format
+from counterpoint.serving.quant.loading import QuantizedLayers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -23,11 +25,15 @@ def read_hf_config(path: str | Path):
 
 
 def resolve_dtype(name: str, hf_config, device: torch.device) -> torch.dtype:
-    """`auto` keeps the checkpoint's dtype, except float16 on the CPU, which runs in float32."""
+    """`auto` keeps the checkpoint's dtype, except float16 on the CPU, which runs in float32, and
+    quantized checkpoints on the CPU, which run in bfloat16 (the only activations the CPU's int4
+    and int8 kernels are fast with)."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
         return DTYPES[name]
+    if device.type == "cpu" and getattr(hf_config, "quantization_config", None):
+        return torch.bfloat16
     dtype = getattr(hf_config, "dtype", None) or torch.float32
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype, torch.float32)
@@ -47,11 +53,16 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def iter_tensors(files: list[Path], show_progress: bool):
+def tensor_names(files: list[Path]) -> list[tuple[Path, str]]:
     names = []
     for file in files:
         with safe_open(file, framework="pt") as f:
             names += [(file, key) for key in f.keys()]
+    return names
+
+
+def iter_tensors(files: list[Path], show_progress: bool):
+    names = tensor_names(files)
     handles = {}
     try:
         for file, key in tqdm(names, desc="loading weights", disable=not show_progress, leave=False):
@@ -67,13 +78,21 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
                show_progress: bool = False) -> LlamaForCausalLM:
     path = Path(path)
     hf_config = read_hf_config(path)
-    if getattr(hf_config, "quantization_config", None):
-        raise ValueError(f"{path}: quantized checkpoints are not supported yet")
+    files = safetensors_files(path)
+    fmt = weight_format(getattr(hf_config, "quantization_config", None))
+    quantized = fmt and QuantizedLayers(fmt, [name for _, name in tensor_names(files)])
     shape = LlamaShape.from_hf(hf_config)
     with torch.device("meta"):
         model = LlamaForCausalLM(shape, max_positions)
+        if quantized:
+            quantized.swap_linears(model)
     model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
     model.tie_weights()
-    load_weights(model, iter_tensors(safetensors_files(path), show_progress))
+    tensors = iter_tensors(files, show_progress)
+    if quantized:
+        tensors = ((name, t) for name, t in tensors if not quantized.take(name, t))
+    load_weights(model, tensors)
+    if quantized:
+        quantized.install(model, dtype, device)
     model.init_rope(max_positions)
     return model

@@ -25,7 +25,7 @@ def load_weights(model: nn.Module, named_tensors) -> None:
         name = name.removeprefix("model.")
         if "rotary_emb" in name or (name == "lm_head.weight" and shape.tie_word_embeddings):
             continue
-        target, shard = _locate(name)
+        target, shard = locate(name)
         if target not in params:
             raise ValueError(f"unexpected tensor {name!r} in the checkpoint")
         _copy_shard(shape, params[target], tensor, target, shard)
@@ -33,7 +33,8 @@ def load_weights(model: nn.Module, named_tensors) -> None:
     _check_complete(shape, params, loaded)
 
 
-def _locate(name: str) -> tuple[str, int | None]:
+def locate(name: str) -> tuple[str, int | None]:
+    """An HF name (without `model.`) -> our parameter or module name, and its shard in a pack."""
     for fragment, (packed, shard) in PACKED.items():
         if f".{fragment}." in name:
             return name.replace(fragment, packed), shard
