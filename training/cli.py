@@ -24,11 +24,30 @@ def add_train_parser(sub) -> None:
     _pretrain_parser(train)
     _distill_parser(train)
     _world_parser(train)
+    _quantize_parser(train)
     ppl = train.add_parser("perplexity", help="held-out perplexity of models on the same text")
     ppl.add_argument("models", nargs="+")
     ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
     ppl.add_argument("--seq-len", type=int, default=256, help="tokens per row")
     ppl.add_argument("--max-rows", type=int, default=64, help="rows of held-out text scored")
+
+
+def _quantize_parser(train) -> None:
+    p = train.add_parser("quantize", help="GPTQ or round-to-nearest quantization into the gptq (v1) layout, or a "
+                                          "pre-quantized bitsandbytes checkpoint")
+    p.add_argument("model", help="Hugging Face model directory")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn", "bnb-nf4", "bnb-int8"])
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one per row")
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by decreasing Hessian diagonal")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (zero point in the middle)")
+    p.add_argument("--files", nargs="*", default=[],
+                   help="calibration text files (default: the standard library's .py files)")
+    p.add_argument("--calibration-rows", type=int, default=64, help="rows of calibration text")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
+    p.add_argument("--eval-rows", type=int, default=32, help="held-out rows for the perplexity before and after")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def _add_loop_flags(p, steps: int) -> None:
@@ -126,6 +145,16 @@ def run_train(args: argparse.Namespace) -> None:
         metrics = train_world(WorldConfig(out=Path(args.out), seed=args.seed, steps=args.steps, num_known=known,
                                           num_held_out=held_out, num_reading=reading))
         print(summary(metrics))
+    elif args.train == "quantize":
+        from pathlib import Path
+
+        from counterpoint.training.quantize import QuantizeConfig, quantize
+
+        fields = ("method", "bits", "group_size", "desc_act", "sym", "calibration_rows", "seq_len", "eval_rows",
+                  "seed")
+        metrics = quantize(QuantizeConfig(model=Path(args.model), out=Path(args.out),
+                                          files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in fields}))
+        print(f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}: {args.out}")
     elif args.train == "perplexity":
         from pathlib import Path
 

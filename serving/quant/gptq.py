@@ -30,6 +30,18 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.reshape(shape)
 
 
+def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """The inverse of unpack_int32: codes (0 <= c < 2^bits) -> int32 words along `dim`."""
+    per_word = 32 // bits
+    codes = codes.to(torch.int64).movedim(dim, 0)
+    shape = codes.shape
+    codes = codes.reshape(shape[0] // per_word, per_word, *shape[1:])
+    shifts = torch.arange(0, 32, bits, dtype=torch.int64).view(1, per_word, *([1] * (len(shape) - 1)))
+    words = (codes << shifts).sum(1)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).movedim(0, dim).contiguous()
+
+
 @register
 class GPTQFormat(WeightFormat):
     name = "gptq"
