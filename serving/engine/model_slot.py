@@ -15,6 +15,7 @@ from counterpoint.serving.engine.config import EngineConfig
 from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
 from counterpoint.serving.engine.kv_manager import KVManager
 from counterpoint.serving.engine.model_runner import ModelRunner
+from counterpoint.serving.models.gguf_file import config_dir
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
 from counterpoint.serving.models.llama import LlamaForCausalLM
 from counterpoint.serving.models.shape import LlamaShape
@@ -50,11 +51,11 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     s = model.shape
     cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)
     pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(config_dir(path))
     max_model_len = min(max_model_len, num_blocks * config.block_size)
     runner = _runner(name, model, cache, config, max_model_len)
     slot = ModelSlot(
-        name=name, path=path, model=model, tokenizer=tokenizer, eos_ids=_eos_ids(path, hf_config, tokenizer),
+        name=name, path=path, model=model, tokenizer=tokenizer, eos_ids=_eos_ids(config_dir(path), hf_config, tokenizer),
         max_model_len=max_model_len, kv=KVManager(pool), runner=runner,
     )
     logger.info(_describe(slot, dtype, reason))
@@ -118,11 +119,16 @@ def kv_cache_budget(device: torch.device) -> int:
 
 def _describe(slot: ModelSlot, dtype: torch.dtype, num_blocks_reason: str) -> str:
     pool, cache = slot.kv.pool, slot.runner.cache
-    params = sum(p.numel() for p in slot.model.parameters())
     kv_bytes = cache.data.numel() * cache.data.element_size()
-    return (f"loaded {slot.name} from {slot.path}: {str(dtype).removeprefix('torch.')}, {params / 1e6:.1f}M "
-            f"parameters, max_model_len {slot.max_model_len}, {pool.num_blocks} KV blocks of {pool.block_size} "
+    return (f"loaded {slot.name} from {slot.path}: {str(dtype).removeprefix('torch.')}, "
+            f"{weight_bytes(slot.model) / 2**20:.0f} MiB of weights, max_model_len {slot.max_model_len}, {pool.num_blocks} KV blocks of {pool.block_size} "
             f"tokens ({kv_bytes / 2**30:.2f} GiB; {num_blocks_reason})")
+
+
+def weight_bytes(model: LlamaForCausalLM) -> int:
+    """Memory held by the weights, quantized codes and scales included (tied tensors once)."""
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t is not model.cos_sin}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _eos_ids(path: Path, hf_config, tokenizer) -> tuple[int, ...]:

@@ -8,17 +8,20 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig
 
+from counterpoint.serving.models.gguf_file import config_dir, hf_tensor_name, metadata_dir, open_gguf
 from counterpoint.serving.models.llama import LlamaForCausalLM
 from counterpoint.serving.models.shape import LlamaShape
 from counterpoint.serving.models.weights import load_weights
 from counterpoint.serving.quant import weight_format
+from counterpoint.serving.quant.gguf import gguf_format, gguf_tensors
 from counterpoint.serving.quant.loading import QuantizedLayers
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def read_hf_config(path: str | Path):
-    path = Path(path)
+    """A model's config: from its directory, or from a GGUF file's metadata."""
+    path = config_dir(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a Hugging Face model directory: config.json not found")
     return AutoConfig.from_pretrained(path)
@@ -76,19 +79,33 @@ def iter_tensors(files: list[Path], show_progress: bool):
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
                show_progress: bool = False) -> LlamaForCausalLM:
+    """A Hugging Face directory (float, GPTQ or bitsandbytes weights) or a GGUF file."""
     path = Path(path)
-    hf_config = read_hf_config(path)
-    files = safetensors_files(path)
-    fmt = weight_format(getattr(hf_config, "quantization_config", None))
-    quantized = fmt and QuantizedLayers(fmt, [name for _, name in tensor_names(files)])
-    shape = LlamaShape.from_hf(hf_config)
+    if path.suffix == ".gguf":
+        reader = open_gguf(path)
+        hf_config = read_hf_config(metadata_dir(path))
+        fmt = gguf_format(reader)
+        names = [hf_tensor_name(t.name) for t in reader.tensors]
+        tensors = tqdm(gguf_tensors(reader, hf_config), total=len(names), desc="loading weights",
+                       disable=not show_progress, leave=False)
+    else:
+        hf_config = read_hf_config(path)
+        files = safetensors_files(path)
+        fmt = weight_format(getattr(hf_config, "quantization_config", None))
+        names = [name for _, name in tensor_names(files)] if fmt else []
+        tensors = iter_tensors(files, show_progress)
+    return _build(LlamaShape.from_hf(hf_config), fmt and QuantizedLayers(fmt, names), tensors, dtype, device,
+                  max_positions)
+
+
+def _build(shape: LlamaShape, quantized: QuantizedLayers | None, tensors, dtype: torch.dtype, device: torch.device,
+           max_positions: int) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(shape, max_positions)
         if quantized:
             quantized.swap_linears(model)
     model = model.to_empty(device=device).to(dtype).eval().requires_grad_(False)
     model.tie_weights()
-    tensors = iter_tensors(files, show_progress)
     if quantized:
         tensors = ((name, t) for name, t in tensors if not quantized.take(name, t))
     load_weights(model, tensors)

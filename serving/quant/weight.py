@@ -10,6 +10,7 @@ columns are stored sorted by group, so that every group is contiguous: `perm` sa
 column each stored column holds (W[:, perm] = W_perm), and the layer reads x[:, perm].
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -57,16 +58,21 @@ class QuantizedWeight:
 def from_group_index(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
                      g_idx: torch.Tensor) -> QuantizedWeight:
     """Codes whose input column k belongs to group g_idx[k], with scale/offset (N, groups): sorted
-    into contiguous groups. Raises when the groups are not all the same size."""
+    into contiguous groups. Groups of different sizes (GPTQ's shorter last group when the group
+    size does not divide K) are split into pieces of their greatest common size."""
     k = q.shape[1]
-    groups = scale.shape[1]
-    counts = torch.bincount(g_idx.long(), minlength=groups)
-    if len(counts) != groups or (counts != k // groups).any() or k % groups:
-        raise ValueError(f"g_idx does not split {k} columns into {groups} groups of {k // max(groups, 1)}")
-    if torch.equal(g_idx.long(), torch.arange(k) // (k // groups)):
-        return QuantizedWeight(q, scale, offset, bits, k // groups)
-    perm = torch.argsort(g_idx.long(), stable=True)
-    return QuantizedWeight(q[:, perm].contiguous(), scale, offset, bits, k // groups, perm)
+    g_idx = g_idx.long()
+    counts = torch.bincount(g_idx, minlength=scale.shape[1])
+    if len(counts) != scale.shape[1] or (counts == 0).any():
+        raise ValueError(f"g_idx names {len(counts)} groups, {int((counts > 0).sum())} of them used, but there "
+                         f"are {scale.shape[1]} scales per row")
+    size = math.gcd(*counts.tolist())
+    pieces = counts // size
+    scale, offset = scale.repeat_interleave(pieces, dim=1), offset.repeat_interleave(pieces, dim=1)
+    if bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return QuantizedWeight(q, scale, offset, bits, size)
+    perm = torch.argsort(g_idx, stable=True)
+    return QuantizedWeight(q[:, perm].contiguous(), scale, offset, bits, size, perm)
 
 
 def concat_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:

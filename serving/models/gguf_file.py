@@ -1,0 +1,116 @@
+"""A GGUF file as the engine reads it: its metadata as a Hugging Face config and tokenizer
+directory (written once, into the cache), and its tensors under Hugging Face names.
+
+The config, tokenizer and chat template come from the metadata through transformers' GGUF
+mapping. llama.cpp stores each Q/K head's rotary halves interleaved: `unpermute_rotary` restores
+the Hugging Face row order, on float weights and on quantized codes and scales alike (it moves
+whole rows).
+"""
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+from gguf import GGUFReader
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from counterpoint.serving.cache import cache_dir
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+IN_BLOCK = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_tensor_name(name: str) -> str:
+    """GGUF's `blk.N.attn_q.weight` -> HF's `model.layers.N.self_attn.q_proj.weight`."""
+    block = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if block:
+        layer, part, kind = block.groups()
+        if part in IN_BLOCK:
+            return f"model.layers.{layer}.{IN_BLOCK[part]}.{kind}"
+    else:
+        top, _, kind = name.rpartition(".")
+        if top in TOP_LEVEL:
+            return f"{TOP_LEVEL[top]}.{kind}"
+    raise ValueError(f"unexpected GGUF tensor {name!r}")
+
+
+def rotary_heads(name: str, config) -> int | None:
+    """Heads whose rows llama.cpp interleaved in this tensor (Llama's Q and K), else None."""
+    if config.model_type != "llama":
+        return None
+    if ".attn_q." in name:
+        return config.num_attention_heads
+    if ".attn_k." in name:
+        return config.num_key_value_heads
+    return None
+
+
+def unpermute_rotary(weight, num_heads: int):
+    """Undo llama.cpp's reordering of Q/K rows (numpy arrays or torch tensors, rows first)."""
+    half = weight.shape[0] // num_heads // 2
+    w = weight.reshape(num_heads, half, 2, *weight.shape[1:])
+    return w.swapaxes(1, 2).reshape(weight.shape)
+
+
+def open_gguf(gguf_file: Path) -> GGUFReader:
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
+    reader = GGUFReader(gguf_file)
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {arch!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return reader
+
+
+def write_metadata(gguf_file: Path, out: Path, dtype: str) -> object:
+    """config.json, the tokenizer and generation_config.json of the GGUF file into `out`."""
+    open_gguf(gguf_file)
+    config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config.dtype = dtype
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(out)
+    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+                     pad_token_id=getattr(config, "pad_token_id", None)).save_pretrained(out)
+    return config
+
+
+def metadata_dir(gguf_file: Path) -> Path:
+    """The GGUF file's config and tokenizer as a directory, made once per file (by path, size and
+    modification time) under the cache."""
+    gguf_file = gguf_file.resolve()
+    stat = gguf_file.stat()
+    key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{gguf_file.stem}-{key}"
+    if not (out / "config.json").is_file():
+        # NOTE: written aside and renamed, so a concurrent or interrupted build never leaves half a directory
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        write_metadata(gguf_file, tmp, "bfloat16")
+        if out.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.replace(out)
+    return out
+
+
+def config_dir(path: str | Path) -> Path:
+    """Where a model's config and tokenizer live: the directory itself, or a GGUF file's metadata."""
+    path = Path(path)
+    return metadata_dir(path) if path.suffix == ".gguf" else path
