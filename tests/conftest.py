@@ -15,6 +15,20 @@ from helpers import build_model, train_tokenizer
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """Everything the suite builds once (the bundled models, GGUF metadata) goes to a cache of its
+    own, shared by the session, never the user's."""
+    cache = tmp_path_factory.mktemp("cache")
+    previous = os.environ.get("COUNTERPOINT_CACHE")
+    os.environ["COUNTERPOINT_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["COUNTERPOINT_CACHE"]
+    else:
+        os.environ["COUNTERPOINT_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")

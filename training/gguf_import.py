@@ -5,15 +5,17 @@ the other types it knows); the config, tokenizer and chat template come from the
 through transformers' GGUF mapping.
 """
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from gguf import GGUFReader, dequantize
 from tqdm import tqdm
+from transformers import AutoConfig
 
-from counterpoint.serving.models.gguf_file import (hf_tensor_name, open_gguf, rotary_heads, unpermute_rotary,
-                                                  write_metadata)
+from counterpoint.serving.models.gguf_file import (hf_tensor_name, metadata_dir, open_gguf, rotary_heads,
+                                                  unpermute_rotary)
 from counterpoint.serving.models.loader import DTYPES
 from counterpoint.training.checkpoint import save_tensors, write_provenance
 
@@ -35,7 +37,11 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: str = "bfloat16",
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     reader = open_gguf(gguf_file)
-    config = write_metadata(gguf_file, out, dtype)
+    # NOTE: through the cached metadata directory: reading GGUF metadata takes seconds per pass
+    shutil.copytree(metadata_dir(gguf_file), out, dirs_exist_ok=True)
+    config = AutoConfig.from_pretrained(out)
+    config.dtype = dtype
+    config.save_pretrained(out)
     tensors = read_tensors(reader, config, DTYPES[dtype], show_progress)
     save_tensors(tensors, out)
     write_provenance(out, "import-gguf", [gguf_file], dtype=dtype, architecture=config.model_type,

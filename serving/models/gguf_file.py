@@ -78,23 +78,26 @@ def open_gguf(gguf_file: Path) -> GGUFReader:
     return reader
 
 
-def write_metadata(gguf_file: Path, out: Path, dtype: str) -> object:
+def write_metadata(gguf_file: Path, out: Path) -> None:
     """config.json, the tokenizer and generation_config.json of the GGUF file into `out`."""
-    open_gguf(gguf_file)
     config = AutoConfig.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    config.dtype = dtype
+    if config.model_type not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"GGUF architecture {config.model_type!r} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    config.dtype = "bfloat16"
     config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name).save_pretrained(out)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=getattr(config, "pad_token_id", None)).save_pretrained(out)
-    return config
 
 
 def metadata_dir(gguf_file: Path) -> Path:
     """The GGUF file's config and tokenizer as a directory, made once per file (by path, size and
     modification time) under the cache."""
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {gguf_file}")
     gguf_file = gguf_file.resolve()
     stat = gguf_file.stat()
     key = hashlib.sha256(f"{gguf_file}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
@@ -102,7 +105,7 @@ def metadata_dir(gguf_file: Path) -> Path:
     if not (out / "config.json").is_file():
         # NOTE: written aside and renamed, so a concurrent or interrupted build never leaves half a directory
         tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
-        write_metadata(gguf_file, tmp, "bfloat16")
+        write_metadata(gguf_file, tmp)
         if out.exists():
             shutil.rmtree(tmp)
         else:
