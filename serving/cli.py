@@ -64,7 +64,7 @@ def run_serve(args) -> None:
     from counterpoint.serving.engine.config import EngineConfig
     from counterpoint.serving.serve import serve
 
-    models = [_model_arg(m) for m in args.model] if args.model else _default_models()
+    models = [_model_arg(m) for m in args.model] if args.model else _default_models(args.quantization)
     (name, path), extra = models[0], tuple(models[1:])
     config = EngineConfig(model=path, served_name=name, extra_models=extra, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, **engine_kwargs(args))
@@ -76,21 +76,22 @@ def run_serve(args) -> None:
 
 
 def _model_arg(text: str) -> tuple[str, str]:
-    from pathlib import Path
+    from counterpoint.serving.engine.config import default_name
 
     name, sep, path = text.partition("=")
     if not sep:
         path = text
-        name = Path(text).resolve().name
+        name = default_name(text)
     return name, path
 
 
-def _default_models() -> list[tuple[str, str]]:
-    """The bundled expert, then its amateur for contrastive decoding."""
-    from counterpoint.training.defaults import default_models
+def _default_models(quantization: str) -> list[tuple[str, str]]:
+    """The bundled expert (from its GGUF file with --quantization gguf), then its amateur."""
+    from counterpoint.training.defaults import bundled_gguf, default_models
 
     models = default_models()
-    return [(models.expert.name, str(models.expert)), (models.amateur.name, str(models.amateur))]
+    expert = bundled_gguf() if quantization == "gguf" else models.expert
+    return [(models.expert.name, str(expert)), (models.amateur.name, str(models.amateur))]
 
 
 def run_generate(args) -> None:
@@ -99,10 +100,10 @@ def run_generate(args) -> None:
 
     model, amateur = args.model, args.amateur
     if model is None or amateur == "default":
-        from counterpoint.training.defaults import default_models
+        from counterpoint.training.defaults import bundled_gguf, default_models
 
         defaults = default_models()
-        model = model or str(defaults.expert)
+        model = model or str(bundled_gguf() if args.quantization == "gguf" else defaults.expert)
         amateur = str(defaults.amateur) if amateur == "default" else amateur
     contrastive = None
     if amateur:

@@ -28,6 +28,10 @@ def positive_float(text: str) -> float:
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights and activations (auto: the checkpoint's; float16 runs as float32 on the CPU)")
+    p.add_argument("--quantization", default="none", choices=["none", "gguf", "bnb-nf4", "bnb-int8"],
+                   help="gguf: serve the bundled model from its 4-bit GGUF file (any .gguf --model is served as "
+                        "stored anyway); bnb-nf4 / bnb-int8: quantize float checkpoints with bitsandbytes as they "
+                        "load (GPTQ and bitsandbytes checkpoints are recognised from their config)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context length, prompt and output together (default: the model's)")
@@ -48,7 +52,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(args) -> dict:
     """The flags of add_engine_flags as EngineConfig fields."""
-    return dict(dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+    return dict(dtype=args.dtype, quantization=args.quantization, device=args.device, max_model_len=args.max_model_len,
                 attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
                 batch_invariant=args.batch_invariant,
                 block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory_gib=args.kv_cache_memory)

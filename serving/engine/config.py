@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+QUANTIZATIONS = ("none", "gguf", "bnb-nf4", "bnb-int8")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -12,6 +14,7 @@ class EngineConfig:
     served_name: str | None = None  # default: the model directory's name
     extra_models: tuple[tuple[str, str], ...] = ()  # (served name, path): amateurs and other models
     dtype: str = "auto"
+    quantization: str = "none"  # gguf: .gguf files as stored; bnb-nf4 / bnb-int8: quantize float checkpoints
     device: str = "auto"
     block_size: int = 16
     num_blocks: int | None = None
@@ -38,6 +41,7 @@ class EngineConfig:
             ("max_model_len", self.max_model_len is None or self.max_model_len > 1, "an integer > 1"),
             ("device", self.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
             ("dtype", self.dtype in ("auto", "float32", "bfloat16", "float16"), "auto, float32, bfloat16 or float16"),
+            ("quantization", self.quantization in QUANTIZATIONS, "one of " + ", ".join(QUANTIZATIONS)),
             ("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size > 0, "a positive integer"),
             ("attention_backend", self.attention_backend in ("auto", "torch", "triton"), "auto, torch or triton"),
         ]
@@ -50,7 +54,7 @@ class EngineConfig:
     @property
     def models(self) -> list[tuple[str, str]]:
         """(served name, path) of every model, the default one first."""
-        models = [(self.served_name or Path(self.model).resolve().name, str(self.model))] + list(self.extra_models)
+        models = [(self.served_name or default_name(self.model), str(self.model))] + list(self.extra_models)
         names = [name for name, _ in models]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
@@ -83,3 +87,9 @@ class EngineConfig:
     @property
     def num_batched_tokens(self) -> int:
         return self.max_num_batched_tokens or max(2048, self.max_num_seqs)
+
+
+def default_name(path: str | Path) -> str:
+    """A model's served name when none is given: its directory's name, or a GGUF file's stem."""
+    path = Path(path).resolve()
+    return path.stem if path.suffix == ".gguf" else path.name

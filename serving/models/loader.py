@@ -15,6 +15,8 @@ from counterpoint.serving.models.weights import load_weights
 from counterpoint.serving.quant import weight_format
 from counterpoint.serving.quant.gguf import gguf_format, gguf_tensors
 from counterpoint.serving.quant.loading import QuantizedLayers
+from counterpoint.serving.quant.on_load import METHODS as ON_LOAD
+from counterpoint.serving.quant.on_load import quantize_on_load
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,9 +80,12 @@ def iter_tensors(files: list[Path], show_progress: bool):
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               show_progress: bool = False) -> LlamaForCausalLM:
-    """A Hugging Face directory (float, GPTQ or bitsandbytes weights) or a GGUF file."""
+               show_progress: bool = False, quantization: str = "none") -> LlamaForCausalLM:
+    """A Hugging Face directory (float, GPTQ or bitsandbytes weights) or a GGUF file;
+    `quantization` bnb-nf4 / bnb-int8 quantizes a float checkpoint as it loads."""
     path = Path(path)
+    if quantization == "gguf" and path.suffix != ".gguf":
+        raise ValueError(f"quantization 'gguf' serves .gguf files; {path} is not one")
     if path.suffix == ".gguf":
         reader = open_gguf(path)
         hf_config = read_hf_config(metadata_dir(path))
@@ -94,8 +99,14 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
         fmt = weight_format(getattr(hf_config, "quantization_config", None))
         names = [name for _, name in tensor_names(files)] if fmt else []
         tensors = iter_tensors(files, show_progress)
-    return _build(LlamaShape.from_hf(hf_config), fmt and QuantizedLayers(fmt, names), tensors, dtype, device,
-                  max_positions)
+    if fmt and quantization in ON_LOAD:
+        raise ValueError(f"quantization {quantization!r} quantizes float checkpoints; {path} is already "
+                         f"quantized ({fmt.describe()})")
+    model = _build(LlamaShape.from_hf(hf_config), fmt and QuantizedLayers(fmt, names), tensors, dtype, device,
+                   max_positions)
+    if quantization in ON_LOAD:
+        quantize_on_load(model, quantization, dtype, device)
+    return model
 
 
 def _build(shape: LlamaShape, quantized: QuantizedLayers | None, tensors, dtype: torch.dtype, device: torch.device,

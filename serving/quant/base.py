@@ -32,6 +32,13 @@ class WeightFormat:
         marker = f".{self.required[0]}"
         return {name.removesuffix(marker) for name in tensor_names if name.endswith(marker)}
 
+    def split(self, name: str, modules: set[str]) -> tuple[str, str] | None:
+        """A tensor name -> (quantized module, its part's name), or None if it is not one."""
+        for module in (name.rsplit(".", depth)[0] for depth in (1, 2, 3)):
+            if module in modules:
+                return module, name[len(module) + 1 :]
+        return None
+
     def read(self, module: str, tensors: dict[str, torch.Tensor]):
         """One layer's tensors (keyed by suffix) -> a QuantizedWeight, or a kernel object that runs
         itself (bitsandbytes)."""

@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
                 self.parts.append(cls(weight, dtype, device))
                 kinds.append(cls.name + (f" ({reason})" if reason else ""))
             else:
-                self.parts.append(weight.to(device))
+                self.parts.append(weight.on(device))
                 kinds.append(weight.name)
         self.kind = "; ".join(sorted(set(kinds)))
         return self.kind

@@ -22,8 +22,15 @@ class QuantizedLayers:
         self.modules = fmt.quantized_modules(tensor_names)  # HF names
         self.pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         self.weights: dict[str, dict[int | None, object]] = defaultdict(dict)  # our module -> shard -> weight
-        present = set(tensor_names)
-        self.expected = {m: [s for s in fmt.required + fmt.optional if f"{m}.{s}" in present] for m in self.modules}
+        self.expected: dict[str, set[str]] = defaultdict(set)  # module -> its parts in the checkpoint
+        for name in tensor_names:
+            part = fmt.split(name, self.modules)
+            if part and part[1] != "bias":
+                self.expected[part[0]].add(part[1])
+        for module in self.modules:
+            missing = [s for s in fmt.required if s not in self.expected[module]]
+            if missing:
+                raise ValueError(f"{module}: the checkpoint is missing {', '.join(missing)}")
 
     def swap_linears(self, model: nn.Module) -> None:
         """Replace every linear layer that has a quantized part with a QuantLinear (on meta)."""
@@ -38,9 +45,10 @@ class QuantizedLayers:
 
     def take(self, name: str, tensor: torch.Tensor) -> bool:
         """Keep `name` if it belongs to a quantized layer; read the layer once all its tensors came."""
-        module, _, suffix = name.rpartition(".")
-        if module not in self.modules or suffix == "bias":
+        part = self.fmt.split(name, self.modules)
+        if part is None or part[1] == "bias":
             return False
+        module, suffix = part
         self.pending[module][suffix] = tensor
         if len(self.pending[module]) == len(self.expected[module]):
             tensors = self.pending.pop(module)
@@ -51,7 +59,7 @@ class QuantizedLayers:
     def install(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
         if self.pending:
             module, tensors = next(iter(self.pending.items()))
-            missing = sorted(set(self.expected[module]) - set(tensors))
+            missing = sorted(self.expected[module] - set(tensors))
             raise ValueError(f"{module}: the checkpoint is missing {', '.join(missing)}")
         kinds = defaultdict(list)
         for module_name, module in model.named_modules():
