@@ -74,3 +74,16 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor) -> t
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def quant_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int,
+                 group_size: int) -> torch.Tensor:
+    """x (M, K) times the weight the packed codes encode (kernels/quant_matmul.py's layout) -> (M, N)."""
+    per_word = 32 // bits
+    k = qweight.shape[0] * per_word
+    words = qweight.long() & 0xFFFFFFFF
+    shifts = (torch.arange(k, device=x.device) % per_word) * bits
+    codes = (words.repeat_interleave(per_word, 0) >> shifts[:, None]) & ((1 << bits) - 1)  # (K, N)
+    groups = torch.arange(k, device=x.device) // group_size
+    weight = codes.float() * scale.float()[groups] + offset.float()[groups]  # (K, N)
+    return (x.float() @ weight).to(x.dtype)

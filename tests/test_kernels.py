@@ -271,3 +271,40 @@ def test_bench_kernels_runs_end_to_end_at_toy_size():
     assert [r["batch"] for r in result["decode"]] == [1, 2]
     assert all(r["counterpoint_ms"] > 0 and r["transformers_ms"] >= 0 for r in result["decode"])
     assert result["attention"][0]["triton_kv_gb_s"] > 0 and result["attention"][0]["torch_us"] > 0
+
+
+@pytest.mark.parametrize("m,k,n,bits,group_size", [
+    (1, 64, 40, 4, 32),  # decode, a partial N tile
+    (3, 96, 64, 4, 96),  # one group per row
+    (17, 64, 48, 8, 32),  # a second M tile, 8 bits
+    (2, 128, 32, 8, 64),
+])
+def test_quant_matmul_matches_reference(m, k, n, bits, group_size):
+    from counterpoint.kernels.quant_matmul import quant_matmul
+
+    gen = torch.Generator().manual_seed(m * k + n)
+    qweight = torch.randint(-2**31, 2**31, (k * bits // 32, n), generator=gen, dtype=torch.int64).to(torch.int32)
+    scale = (torch.rand(k // group_size, n, generator=gen) * 0.02).to(DEVICE)
+    offset = (torch.randn(k // group_size, n, generator=gen) * 0.1).to(DEVICE)
+    qweight = qweight.to(DEVICE)
+    for dtype in DTYPES:
+        x = torch.randn(m, k, generator=gen).to(dtype).to(DEVICE)
+        expected = ref.quant_matmul(x, qweight, scale, offset, bits, group_size)
+        for splits in (None, 1, k // 32):  # one split per 32 inputs: the most there can be
+            got = quant_matmul(x, qweight, scale, offset, bits, group_size, num_splits=splits)
+            torch.testing.assert_close(got.float(), expected.float(), atol=TOLERANCE[dtype] * 10,
+                                       rtol=TOLERANCE[dtype])
+
+
+def test_quant_matmul_rejects_mismatched_layouts():
+    from counterpoint.kernels.quant_matmul import quant_matmul
+
+    x = torch.randn(2, 64, device=DEVICE)
+    qweight = torch.zeros(8, 16, dtype=torch.int32, device=DEVICE)
+    scale = torch.zeros(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        quant_matmul(x, qweight, scale, scale, 3, 32)
+    with pytest.raises(ValueError, match="match qweight"):
+        quant_matmul(x, qweight, scale, scale, 8, 32)
+    with pytest.raises(ValueError, match=r"scale and offset must be \(1, 16\)"):
+        quant_matmul(x, qweight, scale, scale, 4, 64)

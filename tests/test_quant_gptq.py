@@ -87,6 +87,20 @@ def test_gptq_model_matches_transformers_on_dequantized_weights(model_factory, t
     assert got == greedy_hf(tmp_path / "dequant", prompt, 16)
 
 
+def test_gptq_model_through_the_triton_kernel_matches_transformers(model_factory, tmp_path):
+    out = write_gptq(model_factory("llama"), tmp_path / "gptq", tmp_path / "dequant", bits=4, group_size=32,
+                     desc_act=True)
+    prompt = [5, 17, 33, 100, 7, 9, 11]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs Triton's interpreter
+    llm = LLM(str(out), dtype="float32", device=device, attention_backend="triton", block_size=8,
+              show_progress=False)
+    kinds = {m.kind for m in llm.engine.main.model.modules() if isinstance(m, QuantLinear)}
+    assert kinds == {"Triton int matmul"}
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    got = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    assert got == greedy_hf(tmp_path / "dequant", prompt, 5)
+
+
 def test_gptq_bfloat16_logprobs_close_to_transformers(model_factory, tmp_path):
     out = write_gptq(model_factory("llama"), tmp_path / "gptq", tmp_path / "dequant", bits=4, group_size=64)
     llm = LLM(str(out), show_progress=False)  # auto: bfloat16 on the CPU for quantized checkpoints

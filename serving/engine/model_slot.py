@@ -47,7 +47,7 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     dtype = resolve_dtype(config.dtype, hf_config, device)
     max_model_len = _max_model_len(LlamaShape.from_hf(hf_config), config)
     model = load_model(path, dtype, device, max_model_len, show_progress=config.show_progress,
-                       quantization=config.quantization)
+                       quantization=config.quantization, triton=config.resolved_attention_backend == "triton")
     num_blocks, reason = _num_blocks(model, dtype, config, max_model_len)
     s = model.shape
     cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)

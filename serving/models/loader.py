@@ -80,9 +80,10 @@ def iter_tensors(files: list[Path], show_progress: bool):
 
 
 def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_positions: int,
-               show_progress: bool = False, quantization: str = "none") -> LlamaForCausalLM:
+               show_progress: bool = False, quantization: str = "none", triton: bool = False) -> LlamaForCausalLM:
     """A Hugging Face directory (float, GPTQ or bitsandbytes weights) or a GGUF file;
-    `quantization` bnb-nf4 / bnb-int8 quantizes a float checkpoint as it loads."""
+    `quantization` bnb-nf4 / bnb-int8 quantizes a float checkpoint as it loads; `triton`: quantized
+    layers run the Triton kernel (the model will run on the Triton path)."""
     path = Path(path)
     if quantization == "gguf" and path.suffix != ".gguf":
         raise ValueError(f"quantization 'gguf' serves .gguf files; {path} is not one")
@@ -103,14 +104,14 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
         raise ValueError(f"quantization {quantization!r} quantizes float checkpoints; {path} is already "
                          f"quantized ({fmt.describe()})")
     model = _build(LlamaShape.from_hf(hf_config), fmt and QuantizedLayers(fmt, names), tensors, dtype, device,
-                   max_positions)
+                   max_positions, triton)
     if quantization in ON_LOAD:
-        quantize_on_load(model, quantization, dtype, device)
+        quantize_on_load(model, quantization, dtype, device, triton)
     return model
 
 
 def _build(shape: LlamaShape, quantized: QuantizedLayers | None, tensors, dtype: torch.dtype, device: torch.device,
-           max_positions: int) -> LlamaForCausalLM:
+           max_positions: int, triton: bool) -> LlamaForCausalLM:
     with torch.device("meta"):
         model = LlamaForCausalLM(shape, max_positions)
         if quantized:
@@ -121,6 +122,6 @@ def _build(shape: LlamaShape, quantized: QuantizedLayers | None, tensors, dtype:
         tensors = ((name, t) for name, t in tensors if not quantized.take(name, t))
     load_weights(model, tensors)
     if quantized:
-        quantized.install(model, dtype, device)
+        quantized.install(model, dtype, device, triton)
     model.init_rope(max_positions)
     return model

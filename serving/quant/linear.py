@@ -23,7 +23,7 @@ class QuantLinear(nn.Module):
         self.parts = nn.ModuleList()
         self.kind = ""
 
-    def install(self, weights: list, dtype: torch.dtype, device: torch.device) -> str:
+    def install(self, weights: list, dtype: torch.dtype, device: torch.device, triton: bool = False) -> str:
         """Build the matmuls for the weights of the stacked parts, in order; returns what runs them
         (and why, for a fallback)."""
         rows = sum(w.shape[0] for w in weights)
@@ -35,7 +35,7 @@ class QuantLinear(nn.Module):
         kinds = []
         for weight in weights:
             if isinstance(weight, QuantizedWeight):
-                cls, reason = choose_matmul(weight, dtype, device)
+                cls, reason = choose_matmul(weight, dtype, device, triton)
                 self.parts.append(cls(weight, dtype, device))
                 kinds.append(cls.name + (f" ({reason})" if reason else ""))
             else:

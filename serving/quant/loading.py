@@ -56,7 +56,7 @@ class QuantizedLayers:
             self.weights[target][shard] = self.fmt.read(module, tensors)
         return True
 
-    def install(self, model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    def install(self, model: nn.Module, dtype: torch.dtype, device: torch.device, triton: bool) -> None:
         if self.pending:
             module, tensors = next(iter(self.pending.items()))
             missing = sorted(self.expected[module] - set(tensors))
@@ -72,7 +72,7 @@ class QuantizedLayers:
             if missing:
                 raise ValueError(f"{module_name}: part {missing[0]} of this packed layer is not quantized in the "
                                  "checkpoint while the others are; all of q/k/v (gate/up) must share one format")
-            kinds[module.install([shards[s] for s in order], dtype, device)].append(module_name)
+            kinds[module.install([shards[s] for s in order], dtype, device, triton)].append(module_name)
         for kind, names in kinds.items():
             log.info("%s: %d linear layers run as %s", self.fmt.describe(), len(names), kind)
 

@@ -79,11 +79,39 @@ class Int8CPU(_Permuted):
         return y
 
 
-def choose_matmul(weight: QuantizedWeight, dtype: torch.dtype, device: torch.device) -> tuple[type, str]:
-    """The matmul class for this weight, and why when it is the dequantized fallback."""
+class TritonQuant(_Permuted):
+    """kernels/quant_matmul.py: the codes packed along K, dequantized tile by tile on the GPU."""
+
+    name = "Triton int matmul"
+
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype, device: torch.device):
+        super().__init__(weight, device)
+        from counterpoint.serving.quant.gptq import pack_int32
+
+        self.bits, self.group_size = weight.bits, weight.group_size
+        self.register_buffer("qweight", pack_int32(weight.q.T, weight.bits, 0).to(device))
+        self.register_buffer("scale", weight.scale.T.contiguous().to(device))
+        self.register_buffer("offset", weight.offset.T.contiguous().to(device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from counterpoint.kernels.quant_matmul import quant_matmul
+
+        shape = x.shape
+        y = quant_matmul(self.permute(x).reshape(-1, shape[-1]), self.qweight, self.scale, self.offset, self.bits,
+                         self.group_size)
+        return y.view(*shape[:-1], -1)
+
+
+def choose_matmul(weight: QuantizedWeight, dtype: torch.dtype, device: torch.device,
+                  triton: bool = False) -> tuple[type, str]:
+    """The matmul class for this weight, and why when it is the dequantized fallback. `triton`:
+    the model runs the Triton kernels (on CUDA, or in Triton's interpreter)."""
     n, k = weight.shape
-    if device.type == "cuda":
-        return Dequantized, "no CUDA kernel for this format yet"
+    if triton or device.type == "cuda":
+        if weight.bits in (4, 8) and k % 32 == 0 and weight.group_size % 32 == 0:
+            return TritonQuant, ""
+        return Dequantized, f"the Triton kernel needs 4 or 8 bits and groups of a multiple of 32; got " \
+                            f"{weight.bits} bits, group {weight.group_size}"
     if dtype not in KERNEL_DTYPES:
         return Dequantized, f"the CPU int{weight.bits} kernels are slow with {str(dtype).removeprefix('torch.')} " \
                             "activations (use --dtype bfloat16)"

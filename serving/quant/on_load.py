@@ -16,7 +16,7 @@ LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 
 
 @torch.no_grad()
-def quantize_on_load(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device) -> None:
+def quantize_on_load(model: nn.Module, method: str, dtype: torch.dtype, device: torch.device, triton: bool) -> None:
     if method not in METHODS:
         raise ValueError(f"quantization must be one of {', '.join(METHODS)} for a float checkpoint; got {method!r}")
     kinds = set()
@@ -31,6 +31,6 @@ def quantize_on_load(model: nn.Module, method: str, dtype: torch.dtype, device: 
                 module = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None)
                 if linear.bias is not None:
                     module.bias = linear.bias
-                kinds.add(module.install([quantized], dtype, device))
+                kinds.add(module.install([quantized], dtype, device, triton))
                 setattr(parent, name, module)
     log.info("%s: the decoder's linear layers run as %s", method, "; ".join(sorted(kinds)))
