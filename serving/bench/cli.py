@@ -81,6 +81,7 @@ def _decoding_bench_parsers(bench) -> None:
     r.add_argument("--document-len", type=positive_int, default=256, help="tokens of the documents block")
     r.add_argument("--question-len", type=positive_int, default=32, help="tokens of the question after it")
     _kernels_bench_parser(bench)
+    _quant_bench_parser(bench)
     for p in (b, c, r):
         p.add_argument("--output-len", type=positive_int, default=64, help="output tokens (EOS ignored)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
@@ -115,6 +116,29 @@ def _kernels_bench_parser(bench) -> None:
     k.set_defaults(shape=LLAMA_1B)
 
 
+def _quant_bench_parser(bench) -> None:
+    from counterpoint.serving.bench.quant import FORMATS
+
+    q = bench.add_parser("quant", help="weight formats side by side: perplexity, decode tokens/s, load time, memory")
+    q.add_argument("--model", default=None, help="float Hugging Face model directory (default: the bundled model)")
+    q.add_argument("--formats", nargs="+", choices=list(FORMATS), default=list(FORMATS), help="formats, in order")
+    q.add_argument("--build-dir", default=None,
+                   help="where the GPTQ / RTN checkpoints are made and kept (default: the cache)")
+    q.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8], help="requests in flight")
+    q.add_argument("--input-len", type=positive_int, default=128, help="prompt length in tokens")
+    q.add_argument("--output-len", type=positive_int, default=64, help="output tokens (EOS ignored)")
+    q.add_argument("--ppl-rows", type=positive_int, default=32, help="held-out rows of standard-library text scored")
+    q.add_argument("--seq-len", type=positive_int, default=512, help="tokens per perplexity row")
+    q.add_argument("--ppl-files", nargs="*", default=[],
+                   help="text files for the perplexity (default: the standard library's .py files)")
+    q.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="activations (auto: the checkpoint's, bfloat16 for quantized ones on the CPU)")
+    q.add_argument("--threads", type=positive_int, default=1, help="torch threads of each format's run")
+    q.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    q.add_argument("--plot", default=None, help="write perplexity and tokens/s bars to this PNG")
+    q.add_argument("--json", default=None, help="write the results here")
+
+
 def run_bench(args) -> None:
     from counterpoint.serving.bench import offline
 
@@ -130,6 +154,10 @@ def run_bench(args) -> None:
         from counterpoint.serving.bench.kernels import kernels
 
         result = kernels(args)
+    elif args.bench == "quant":
+        from counterpoint.serving.bench.quant import quant
+
+        result = quant(args)
     else:
         result = offline.throughput(args) if args.bench == "throughput" else offline.latency(args)
     write_json(result, args.json)
