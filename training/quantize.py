@@ -134,7 +134,7 @@ def _hessians(layer: nn.Module, batches) -> dict[str, torch.Tensor]:
 
     def accumulate(name):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
             sums[name] = sums.get(name, 0) + x.T @ x
             counts[name] = counts.get(name, 0) + len(x)
         return hook
