@@ -100,3 +100,19 @@ def test_train_quantize_writes_a_checkpoint_the_engine_serves(llama_dir, tmp_pat
     assert any(isinstance(m, QuantLinear) for m in llm.engine.main.model.modules())
     out = llm.generate(["The quick brown"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
+
+
+def test_train_quantize_bitsandbytes_writes_what_transformers_writes(llama_dir, tmp_path):
+    from counterpoint.training.quantize import QuantizeConfig, quantize
+
+    texts = [tmp_path / f"text{i}.txt" for i in range(6)]
+    for i, text in enumerate(texts):
+        text.write_text(f"{i} The quick brown fox jumps over the lazy dog.\n" * 60)
+    out = tmp_path / "nf4"
+    metrics = quantize(QuantizeConfig(model=llama_dir, out=out, method="bnb-nf4", files=texts, seq_len=64,
+                                      eval_rows=2), show_progress=False)
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["bnb_4bit_quant_type"] == "nf4"
+    assert metrics["perplexity_after"] > 0
+    llm = LLM(str(out), show_progress=False)
+    assert {m.kind for m in llm.engine.main.model.modules() if isinstance(m, QuantLinear)} == {"bitsandbytes nf4"}

@@ -25,7 +25,7 @@ from counterpoint.training.data import default_corpus, pack, read_texts
 from counterpoint.training.gptq import Grid, Quantized, gptq, rtn
 from counterpoint.training.perplexity import MAX_CORPUS_BYTES, VAL_FRACTION
 
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "bnb-nf4", "bnb-int8")
 # input-sharing groups of each decoder layer's linear layers, in the order the layer runs them
 LINEAR_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                  ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
@@ -51,6 +51,8 @@ class QuantizeConfig:
             raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8; got {self.bits}")
+        if self.method.startswith("bnb") and (self.desc_act or self.sym):
+            raise ValueError("desc_act and sym are GPTQ / RTN options; bitsandbytes has its own grid")
         if self.desc_act and self.method != "gptq":
             raise ValueError("desc_act (act-order) is a GPTQ option; rtn has no column order")
 
@@ -67,6 +69,10 @@ def quantize(cfg: QuantizeConfig, show_progress: bool = True) -> dict:
     train_rows, val_rows = pack(texts, tokenizer, cfg.seq_len, VAL_FRACTION, cfg.seed)
     calibration, held_out = train_rows[: cfg.calibration_rows], val_rows[: cfg.eval_rows]
     metrics = {"perplexity_before": perplexity(model, held_out)}
+    if cfg.method.startswith("bnb"):
+        del model
+        _write_bitsandbytes(cfg, tokenizer, held_out, metrics, texts)
+        return metrics
     grid = Grid(cfg.bits, cfg.sym, min_zero=1)
     if cfg.method == "gptq":
         layers = _gptq_layers(model, calibration, grid, cfg, show_progress)
@@ -188,6 +194,26 @@ def _write(cfg: QuantizeConfig, model, layers: dict[str, Quantized], metrics: di
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("model", "out", "files", "seed")}
     write_provenance(out, "quantize", [Path(cfg.model), *cfg.files], seed=cfg.seed, metrics=metrics,
                      num_texts=len(texts), **settings)
+
+
+def _write_bitsandbytes(cfg: QuantizeConfig, tokenizer, held_out: torch.Tensor, metrics: dict,
+                        texts: list[str]) -> None:
+    """A pre-quantized bitsandbytes checkpoint, as transformers' integration writes it."""
+    from transformers import BitsAndBytesConfig
+
+    if cfg.method == "bnb-nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, quantization_config=config, device_map="cpu",
+                                                 dtype=_checkpoint_dtype(cfg.model))
+    metrics["perplexity_after"] = perplexity(model, held_out)
+    out = Path(cfg.out)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    settings = {k: v for k, v in asdict(cfg).items() if k in ("method", "seq_len", "eval_rows")}
+    write_provenance(out, "quantize", [Path(cfg.model)], seed=cfg.seed, metrics=metrics, num_texts=len(texts),
+                     **settings)
 
 
 def _checkpoint_dtype(model_dir: Path) -> torch.dtype:
