@@ -77,9 +77,6 @@ def _run_worker(name: str, path: Path, flag: str, args) -> dict:
 
 def worker(spec: dict) -> dict:
     """One format in this process: load, perplexity, decode tokens/s."""
-    import torch
-
-    torch.set_num_threads(spec["threads"])
     from counterpoint.serving.engine.model_slot import weight_bytes
     from counterpoint.serving.llm import LLM
 
@@ -155,4 +152,8 @@ def _plot(rows: list[dict], concurrency: list[int], path: str) -> None:
 
 
 if __name__ == "__main__":
-    print(json.dumps(worker(json.loads(sys.argv[1]))))
+    import torch
+
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    print(json.dumps(worker(spec)))
