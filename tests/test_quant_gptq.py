@@ -76,8 +76,8 @@ def greedy_hf(model_dir, prompt, n):
 def test_gptq_model_matches_transformers_on_dequantized_weights(model_factory, tmp_path, monkeypatch, arch,
                                                                 bits, desc_act):
     monkeypatch.setattr(matmul, "KERNEL_DTYPES", (torch.float32, torch.bfloat16))
-    out = write_gptq(model_factory(arch), tmp_path / "gptq", tmp_path / "dequant", bits=bits, group_size=32 if bits == 4 else -1,
-                     desc_act=desc_act, sym=bits == 8)
+    out = write_gptq(model_factory(arch), tmp_path / "gptq", tmp_path / "dequant", bits=bits,
+                     group_size=32 if bits == 4 else -1, desc_act=desc_act, sym=bits == 8)
     prompt = [5, 17, 33, 100, 7, 9, 11]
     llm = LLM(str(out), dtype="float32", show_progress=False)
     kinds = {m.kind for m in llm.engine.main.model.modules() if isinstance(m, QuantLinear)}

@@ -98,7 +98,8 @@ def test_train_quantize_writes_a_checkpoint_the_engine_serves(llama_dir, tmp_pat
     assert record["command"] == "quantize" and record["metrics"]["perplexity_after"] > 0
     llm = LLM(str(out), show_progress=False)
     assert any(isinstance(m, QuantLinear) for m in llm.engine.main.model.modules())
-    out = llm.generate(["The quick brown"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    out = llm.generate(["The quick brown"], params, use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 4
 
 

@@ -56,7 +56,8 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     max_model_len = min(max_model_len, num_blocks * config.block_size)
     runner = _runner(name, model, cache, config, max_model_len)
     slot = ModelSlot(
-        name=name, path=path, model=model, tokenizer=tokenizer, eos_ids=_eos_ids(config_dir(path), hf_config, tokenizer),
+        name=name, path=path, model=model, tokenizer=tokenizer,
+        eos_ids=_eos_ids(config_dir(path), hf_config, tokenizer),
         max_model_len=max_model_len, kv=KVManager(pool), runner=runner,
     )
     logger.info(_describe(slot, dtype, reason))
@@ -122,7 +123,8 @@ def _describe(slot: ModelSlot, dtype: torch.dtype, num_blocks_reason: str) -> st
     pool, cache = slot.kv.pool, slot.runner.cache
     kv_bytes = cache.data.numel() * cache.data.element_size()
     return (f"loaded {slot.name} from {slot.path}: {str(dtype).removeprefix('torch.')}, "
-            f"{weight_bytes(slot.model) / 2**20:.0f} MiB of weights, max_model_len {slot.max_model_len}, {pool.num_blocks} KV blocks of {pool.block_size} "
+            f"{weight_bytes(slot.model) / 2**20:.0f} MiB of weights, max_model_len {slot.max_model_len}, "
+            f"{pool.num_blocks} KV blocks of {pool.block_size} "
             f"tokens ({kv_bytes / 2**30:.2f} GiB; {num_blocks_reason})")
 
 

@@ -88,11 +88,11 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_p
     if quantization == "gguf" and path.suffix != ".gguf":
         raise ValueError(f"quantization 'gguf' serves .gguf files; {path} is not one")
     if path.suffix == ".gguf":
-        reader = open_gguf(path)
+        stored = open_gguf(path)
         hf_config = read_hf_config(metadata_dir(path))
-        fmt = gguf_format(reader)
-        names = [hf_tensor_name(t.name) for t in reader.tensors]
-        tensors = tqdm(gguf_tensors(reader, hf_config), total=len(names), desc="loading weights",
+        fmt = gguf_format(stored)
+        names = [hf_tensor_name(t.name) for t in stored]
+        tensors = tqdm(gguf_tensors(stored, hf_config), total=len(names), desc="loading weights",
                        disable=not show_progress, leave=False)
     else:
         hf_config = read_hf_config(path)

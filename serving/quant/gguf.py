@@ -10,9 +10,9 @@ byte j − 16 otherwise.
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, dequantize
+from gguf import GGMLQuantizationType, dequantize
 
-from counterpoint.serving.models.gguf_file import hf_tensor_name, rotary_heads, unpermute_rotary
+from counterpoint.serving.models.gguf_file import GGUFTensor, hf_tensor_name, rotary_heads, unpermute_rotary
 from counterpoint.serving.quant.base import WeightFormat, register
 from counterpoint.serving.quant.weight import QuantizedWeight
 
@@ -47,10 +47,10 @@ def permute_rows(weight: QuantizedWeight, num_heads: int) -> QuantizedWeight:
                            unpermute_rotary(weight.offset, num_heads), weight.bits, weight.group_size)
 
 
-def gguf_tensors(reader: GGUFReader, config):
+def gguf_tensors(tensors: list[GGUFTensor], config):
     """(HF name, tensor) for float tensors and (HF name, QuantizedWeight) for the quantized linear
     layers, in file order."""
-    for t in reader.tensors:
+    for t in tensors:
         name = hf_tensor_name(t.name)
         heads = rotary_heads(t.name, config)
         if t.tensor_type in QUANTIZED_TYPES and name.endswith(LINEAR_PARTS):
@@ -61,10 +61,10 @@ def gguf_tensors(reader: GGUFReader, config):
             yield name, torch.from_numpy(np.array(unpermute_rotary(array, heads) if heads else array))
 
 
-def gguf_format(reader: GGUFReader) -> "GGUFFormat":
-    modules = [hf_tensor_name(t.name).removesuffix(".weight") for t in reader.tensors
+def gguf_format(tensors: list[GGUFTensor]) -> "GGUFFormat":
+    modules = [hf_tensor_name(t.name).removesuffix(".weight") for t in tensors
                if t.tensor_type in QUANTIZED_TYPES and hf_tensor_name(t.name).endswith(LINEAR_PARTS)]
-    types = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type in QUANTIZED_TYPES})
+    types = sorted({t.tensor_type.name for t in tensors if t.tensor_type in QUANTIZED_TYPES})
     return GGUFFormat({"quant_method": "gguf", "modules": modules, "types": types})
 
 
