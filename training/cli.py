@@ -14,7 +14,8 @@ def add_train_parser(sub) -> None:
     imp.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                      help="dtype of the written weights")
     merge = train.add_parser("merge", help="merge models from a mergekit-style YAML config")
-    merge.add_argument("config", help="YAML file: merge_method, slices, dtype")
+    merge.add_argument("config", help="mergekit YAML: merge_method, models / base_model / parameters or slices, "
+                                      "dtype, out_dtype, tokenizer_source, seed")
     merge.add_argument("out", help="output directory")
     defaults = train.add_parser("defaults", help="build the bundled default expert and amateur into the cache; "
                                                  "print paths")

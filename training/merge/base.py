@@ -26,11 +26,26 @@ class SliceSource:
 
 
 @dataclass(frozen=True)
+class ModelEntry:
+    model: Path
+    parameters: dict = field(default_factory=dict)  # per-model values: override the top-level ones
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
     slices: list[list[SliceSource]] = field(default_factory=list)
     dtype: str = "bfloat16"
     base_model: Path | None = None
+    models: list[ModelEntry] = field(default_factory=list)
+    parameters: dict = field(default_factory=dict)
+    tokenizer_source: str | None = None  # "base", or a model path; default: the base model, else the first
+    out_dtype: str | None = None  # default: dtype
+    seed: int = 0  # DARE's random masks
+
+    @property
+    def output_dtype(self) -> str:
+        return self.out_dtype or self.dtype
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "MergeConfig":
@@ -44,10 +59,21 @@ class MergeConfig:
             raise ValueError(f"merge_method must be one of {', '.join(sorted(MERGE_METHODS))}; got {method!r}")
         slices = [[_source(s) for s in entry.get("sources", [])] for entry in data.get("slices", [])]
         dtype = data.get("dtype", "bfloat16")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        for key in ("dtype", "out_dtype"):
+            if key in data and data[key] not in DTYPES:
+                raise ValueError(f"{key} must be one of {', '.join(DTYPES)}; got {data[key]!r}")
         base = data.get("base_model")
-        return cls(method, slices, dtype, Path(base) if base else None)
+        models = [_model_entry(m) for m in data.get("models", [])]
+        return cls(method, slices, dtype, Path(base) if base else None, models, dict(data.get("parameters") or {}),
+                   data.get("tokenizer_source"), data.get("out_dtype"), int(data.get("seed", 0)))
+
+
+def _model_entry(entry) -> ModelEntry:
+    if isinstance(entry, str):
+        return ModelEntry(Path(entry))
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ValueError(f"each entry of models needs a model; got {entry!r}")
+    return ModelEntry(Path(entry["model"]), dict(entry.get("parameters") or {}))
 
 
 def _source(entry: dict) -> SliceSource:
