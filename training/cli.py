@@ -26,6 +26,7 @@ def add_train_parser(sub) -> None:
     _distill_parser(train)
     _world_parser(train)
     _quantize_parser(train)
+    _surgery_parsers(train)
     ppl = train.add_parser("perplexity", help="held-out perplexity of models on the same text")
     ppl.add_argument("models", nargs="+")
     ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
@@ -49,6 +50,31 @@ def _quantize_parser(train) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows for the perplexity before and after")
     p.add_argument("--seed", type=int, default=0)
+
+
+def _surgery_parsers(train) -> None:
+    cv = train.add_parser("chat-vector", help="θ_cpt + r·(θ_chat − θ_base): instruction following back after "
+                                              "continued pre-training")
+    cv.add_argument("--cpt", required=True, help="the continued-pre-training model")
+    cv.add_argument("--chat", required=True, help="the chat (instruction-tuned) model")
+    cv.add_argument("--base", required=True, help="the base model the chat model was tuned from")
+    cv.add_argument("out", help="output directory")
+    cv.add_argument("--ratio", type=float, default=1.0, help="r, the share of the chat residual added")
+    cv.add_argument("--skip-embed", action="store_true", help="keep the CPT model's embedding and lm_head rows")
+    up = train.add_parser("upscale", help="depth up-scaling (SOLAR): layers [0, n-m) then [m, n) of one model")
+    up.add_argument("model", help="Hugging Face model directory")
+    up.add_argument("out", help="output directory")
+    up.add_argument("--overlap", type=int, required=True, help="m, the layers each copy drops")
+    up.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    ex = train.add_parser("expand", help="block expansion (LLaMA Pro): a zeroed copy after every k-th block; "
+                                         "--train trains only the new blocks")
+    ex.add_argument("model", help="Hugging Face model directory")
+    ex.add_argument("out", help="output directory")
+    ex.add_argument("--every", type=int, default=4, help="k: a new block after every k-th")
+    ex.add_argument("--train", dest="train_blocks", action="store_true",
+                    help="then train the new blocks on --files (the rest frozen)")
+    _add_loop_flags(ex, steps=100)
+    ex.set_defaults(lr=1e-4)
 
 
 def _add_loop_flags(p, steps: int) -> None:
@@ -156,6 +182,27 @@ def run_train(args: argparse.Namespace) -> None:
         metrics = quantize(QuantizeConfig(model=Path(args.model), out=Path(args.out),
                                           files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in fields}))
         print(f"perplexity {metrics['perplexity_before']:.2f} -> {metrics['perplexity_after']:.2f}: {args.out}")
+    elif args.train == "chat-vector":
+        from pathlib import Path
+
+        from counterpoint.training.chat_vector import chat_vector
+
+        print(chat_vector(Path(args.cpt), Path(args.chat), Path(args.base), Path(args.out), args.ratio,
+                          args.skip_embed))
+    elif args.train == "upscale":
+        from pathlib import Path
+
+        from counterpoint.training.upscale import upscale
+
+        print(upscale(Path(args.model), Path(args.out), args.overlap, args.dtype))
+    elif args.train == "expand":
+        from pathlib import Path
+
+        from counterpoint.training.expand import ExpandConfig, expand
+
+        metrics = expand(ExpandConfig(model=Path(args.model), out=Path(args.out), every=args.every, train=args.train_blocks,
+                                      files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in LOOP_FIELDS}))
+        print(f"new blocks at {metrics['new_layers']}: {args.out}")
     elif args.train == "perplexity":
         from pathlib import Path
 
