@@ -86,7 +86,8 @@ def test_expand_keeps_the_output_and_trains_only_the_new_blocks(model_factory, t
         if layer in (2, 5):
             continue
         assert torch.equal(trained[name], tensor), name  # old blocks, embeddings, norms: bit for bit
-    assert not torch.equal(trained["model.layers.2.mlp.down_proj.weight"], expanded["model.layers.2.mlp.down_proj.weight"])
+    name = "model.layers.2.mlp.down_proj.weight"
+    assert not torch.equal(trained[name], expanded[name])  # the new blocks did train
     out = LLM(str(trained_dir), show_progress=False).generate(
         [PROMPT], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 3

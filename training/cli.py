@@ -200,8 +200,9 @@ def run_train(args: argparse.Namespace) -> None:
 
         from counterpoint.training.expand import ExpandConfig, expand
 
-        metrics = expand(ExpandConfig(model=Path(args.model), out=Path(args.out), every=args.every, train=args.train_blocks,
-                                      files=[Path(f) for f in args.files], **{k: getattr(args, k) for k in LOOP_FIELDS}))
+        loop = {k: getattr(args, k) for k in LOOP_FIELDS}
+        metrics = expand(ExpandConfig(model=Path(args.model), out=Path(args.out), every=args.every,
+                                      train=args.train_blocks, files=[Path(f) for f in args.files], **loop))
         print(f"new blocks at {metrics['new_layers']}: {args.out}")
     elif args.train == "perplexity":
         from pathlib import Path

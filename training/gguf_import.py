@@ -1,8 +1,8 @@
 """`import-gguf`: a GGUF file to a Hugging Face directory.
 
 Tensors are read by serving/models/gguf_file.py and dequantized with the `gguf` package (F32,
-F16, BF16, Q8_0, Q4_0, Q4_1 and the other types it knows); the config, tokenizer and chat template come from the GGUF metadata
-through transformers' GGUF mapping.
+F16, BF16, Q8_0, Q4_0, Q4_1 and the other types it knows); the config, tokenizer and chat
+template come from the GGUF metadata through transformers' GGUF mapping.
 """
 
 import shutil
