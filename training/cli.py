@@ -75,6 +75,20 @@ def _surgery_parsers(train) -> None:
                     help="then train the new blocks on --files (the rest frozen)")
     _add_loop_flags(ex, steps=100)
     ex.set_defaults(lr=1e-4)
+    lo = train.add_parser("lora", help="LoRA adapters with peft on text or chat JSONL (loss on assistant turns); "
+                                       "--merge folds them in; counts intruder dimensions")
+    lo.add_argument("model", help="Hugging Face model directory")
+    lo.add_argument("out", help="output directory: the adapter (peft layout); with --merge also OUT/merged")
+    lo.add_argument("--chat-data", default=None, help='JSONL of {"messages": [...]} (instead of --files)')
+    lo.add_argument("--rank", type=int, default=8, help="r")
+    lo.add_argument("--alpha", type=float, default=16.0, help="α: the update is scaled by α/r")
+    lo.add_argument("--dropout", type=float, default=0.0)
+    lo.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"])
+    lo.add_argument("--merge", action="store_true", help="also write the model with W + (α/r)·B·A to OUT/merged")
+    lo.add_argument("--full", action="store_true", help="a full fine-tune instead (same data and steps), to compare")
+    _add_loop_flags(lo, steps=100)
+    lo.set_defaults(lr=2e-4)
 
 
 def _add_loop_flags(p, steps: int) -> None:
@@ -204,6 +218,18 @@ def run_train(args: argparse.Namespace) -> None:
         metrics = expand(ExpandConfig(model=Path(args.model), out=Path(args.out), every=args.every,
                                       train=args.train_blocks, files=[Path(f) for f in args.files], **loop))
         print(f"new blocks at {metrics['new_layers']}: {args.out}")
+    elif args.train == "lora":
+        from pathlib import Path
+
+        from counterpoint.training.lora import LoraTrainConfig, train_lora
+
+        metrics = train_lora(LoraTrainConfig(
+            model=Path(args.model), out=Path(args.out), files=[Path(f) for f in args.files], rank=args.rank,
+            alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.target_modules), merge=args.merge,
+            full=args.full, chat_data=Path(args.chat_data) if args.chat_data else None,
+            **{k: getattr(args, k) for k in LOOP_FIELDS}))
+        print(f"val loss {metrics['val_loss_before']:.3f} -> {metrics['val_loss']:.3f}; "
+              f"{metrics['intruder_dimensions']} intruder dimensions in {metrics['matrices']} matrices: {args.out}")
     elif args.train == "perplexity":
         from pathlib import Path
 
