@@ -20,9 +20,7 @@ class WeightFormat:
     """One quantized checkpoint format, configured by config.json's `quantization_config`."""
 
     name = ""
-    # the tensors of one quantized layer: required first, then optional ones
-    required: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()  # the tensors every quantized layer stores (the first marks one)
 
     def __init__(self, config: dict):
         self.config = config

@@ -16,9 +16,6 @@ from torch import nn
 from counterpoint.serving.quant.base import WeightFormat, register
 from counterpoint.serving.quant.weight import QuantizedWeight
 
-QUANTIZE_ON_LOAD = ("bnb-nf4", "bnb-int8")
-
-
 class Bnb4bit(nn.Module):
     """A bitsandbytes 4-bit weight and its quant state, run by bitsandbytes."""
 

@@ -45,8 +45,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 @register
 class GPTQFormat(WeightFormat):
     name = "gptq"
-    required = ("qweight", "qzeros", "scales")
-    optional = ("g_idx",)
+    required = ("qweight", "qzeros", "scales")  # and g_idx, which old checkpoints without act-order omit
 
     def __init__(self, config: dict):
         super().__init__(config)

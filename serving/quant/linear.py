@@ -1,16 +1,11 @@
 """The quantized linear layer: the model's q/k/v, o, gate/up and down projections when the
 checkpoint stores them quantized."""
 
-import logging
-
 import torch
 from torch import nn
 
 from counterpoint.serving.quant.matmul import choose_matmul
 from counterpoint.serving.quant.weight import QuantizedWeight, can_stack, concat_rows
-
-log = logging.getLogger(__name__)
-
 
 class QuantLinear(nn.Module):
     """y = x·Wᵀ + b with W held by one or more matmul modules, one per stacked part when the parts

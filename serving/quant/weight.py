@@ -60,7 +60,6 @@ def from_group_index(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
     """Codes whose input column k belongs to group g_idx[k], with scale/offset (N, groups): sorted
     into contiguous groups. Groups of different sizes (GPTQ's shorter last group when the group
     size does not divide K) are split into pieces of their greatest common size."""
-    k = q.shape[1]
     g_idx = g_idx.long()
     counts = torch.bincount(g_idx, minlength=scale.shape[1])
     if len(counts) != scale.shape[1] or (counts == 0).any():
