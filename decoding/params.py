@@ -49,6 +49,40 @@ class ContrastiveParams:
         _check(self.amateur_temperature > 0, "contrastive.amateur_temperature", "> 0", self.amateur_temperature)
 
 
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's `structured_outputs`): a JSON schema, any JSON
+    object, a regular expression, one of a list of strings, or an EBNF grammar. Exactly one.
+    `source` is the request field it came from, named in errors (`response_format`, say)."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    strict: bool = True  # JSON schemas: no properties beyond those the schema lists (OpenAI's `strict`)
+    source: str = "structured_outputs"
+
+    def __post_init__(self):
+        given = [k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        _check(len(given) == 1, self.source, f"exactly one of {', '.join(STRUCTURED_KINDS)}", given or None)
+        if self.json is not None:
+            _check(isinstance(self.json, (dict, str)), self.source, "a JSON schema (an object)", self.json)
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value), self.source, "a non-empty string", value)
+        if self.choice is not None:
+            ok = isinstance(self.choice, list) and self.choice and all(isinstance(c, str) for c in self.choice)
+            _check(ok, self.source, "a non-empty list of strings", self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 CONTEXT_CONTRAST_METHODS = ("acd", "cad", "adacad")
 
 
@@ -95,6 +129,7 @@ class SamplingParams:
     early_stopping: bool | str = False
     contrastive: ContrastiveParams | dict | None = None
     context_contrast: ContextContrastParams | dict | None = None
+    structured_outputs: StructuredOutputsParams | dict | None = None
     return_decoding_info: bool = False
     stop_strings: list[str] = field(init=False, default_factory=list)
 
@@ -108,6 +143,7 @@ class SamplingParams:
         self._check_beam_search()
         self.contrastive = _nested(ContrastiveParams, self.contrastive, "contrastive")
         self.context_contrast = _nested(ContextContrastParams, self.context_contrast, "context_contrast")
+        self.structured_outputs = _nested(StructuredOutputsParams, self.structured_outputs, "structured_outputs")
         if self.contrastive is not None and self.context_contrast is not None:
             raise ValueError("contrastive and context_contrast cannot be combined in one request")
 

@@ -21,13 +21,19 @@ class Row:
     output_ids: list[int]
     eos_ids: tuple[int, ...]  # banned until min_tokens is reached
     context_weight: float | None = None  # set by combining (ACD, AdaCAD) when decoding info is asked for
+    grammar: object = None  # the hypothesis's xgrammar matcher, for structured outputs
 
 
 def process(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """(R, V) combined logits -> (R, V) float32 log q, the distribution that is decoded."""
     logits = logits.float().clone()
+    constrained = [i for i, row in enumerate(rows) if row.grammar is not None]
+    before_bans = logits[constrained].clone() if constrained else None
     for i, row in enumerate(rows):
         _bias_and_bans(logits[i], row)
+    if constrained:
+        _grammar_mask(logits, before_bans, constrained, [rows[i] for i in constrained])
+    for i, row in enumerate(rows):
         _penalties(logits[i], row)
     # NOTE: an extreme repetition_penalty can overflow a logit to inf, and inf − inf is NaN later;
     # bans stay −inf.
@@ -46,6 +52,19 @@ def _bias_and_bans(z: torch.Tensor, row: Row) -> None:
         z.index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), device=z.device))
     if len(row.output_ids) < p.min_tokens:
         z[list(row.eos_ids) + list(p.stop_token_ids or [])] = -float("inf")
+
+
+def _grammar_mask(logits: torch.Tensor, before_bans: torch.Tensor, idx: list[int], rows: list[Row]) -> None:
+    """Tokens the grammar forbids become −inf. If bans (min_tokens' EOS ban, say) leave nothing
+    the grammar allows, the grammar wins: the row is its logits before bias and bans, masked."""
+    from counterpoint.decoding.grammar import allowed_tokens
+
+    allowed = allowed_tokens([r.grammar for r in rows], [r.eos_ids for r in rows], logits.shape[1], logits.device)
+    masked = logits[idx].masked_fill(~allowed, -float("inf"))
+    empty = torch.isneginf(masked).all(dim=-1)
+    if bool(empty.any()):
+        masked[empty] = before_bans[empty].masked_fill(~allowed[empty], -float("inf"))
+    logits[idx] = masked
 
 
 def _penalties(z: torch.Tensor, row: Row) -> None:

@@ -132,6 +132,7 @@ def _needs_processing(rows: list[Row]) -> bool:
     return any(
         not r.params.is_greedy or r.params.has_penalties or r.params.logit_bias or r.params.min_tokens
         or r.params.logprobs is not None or r.params.return_decoding_info or r.params.best_of
+        or r.grammar is not None
         for r in rows
     )
 

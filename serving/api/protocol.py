@@ -106,6 +106,22 @@ class _Common(_Body):
     documents: list[str] | None = None
     context_contrast: ContextContrastBody | None = None
     return_decoding_info: bool = False
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured_outputs(self) -> dict | None:
+        """vLLM's guided_* extensions as structured_outputs (at most one may be given)."""
+        given = {name: getattr(self, f"guided_{name}") for name in ("json", "regex", "choice", "grammar")
+                 if getattr(self, f"guided_{name}") is not None}
+        if len(given) > 1:
+            raise ValueError(f"guided_{sorted(given)[1]}: give one of guided_json, guided_regex, guided_choice, "
+                             "guided_grammar")
+        if not given:
+            return None
+        (name, value), = given.items()
+        return {name: value, "source": f"guided_{name}"}
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None, **extra) -> SamplingParams:
         """Raises ValueError naming the field when a value is out of range."""
@@ -121,7 +137,8 @@ class _Common(_Body):
             skip_special_tokens=self.skip_special_tokens,
             logprobs=logprobs, use_beam_search=self.use_beam_search, length_penalty=self.length_penalty,
             early_stopping=self.early_stopping, contrastive=_as_dict(self.contrastive),
-            context_contrast=_as_dict(self.context_contrast), return_decoding_info=self.return_decoding_info, **extra,
+            context_contrast=_as_dict(self.context_contrast), return_decoding_info=self.return_decoding_info,
+            structured_outputs=extra.pop("structured_outputs", None) or self.structured_outputs(), **extra,
         )
 
     @property
@@ -195,13 +212,30 @@ class ChatCompletionRequest(_Common):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        structured = self._response_format()
+        if structured and self.structured_outputs():
+            raise ValueError("response_format: give either response_format or a guided_* field, not both")
+        return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
+                                    structured_outputs=structured)
+
+    def _response_format(self) -> dict | None:
+        """OpenAI's response_format as structured_outputs: json_object is any JSON object,
+        json_schema the schema in json_schema.schema."""
+        rf = self.response_format
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if rf is None or kind == "text":
+            return None
+        if kind == "json_object":
+            return {"json_object": True, "source": "response_format"}
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+            return {"json": spec["schema"], "strict": spec.get("strict") is not False, "source": "response_format"}
+        raise ValueError(f"response_format.type must be text, json_object or json_schema; got {kind!r}")
 
     def _refuse_unsupported(self) -> None:
         """OpenAI features the server does not have get a 400 rather than being silently ignored."""
-        if self.response_format not in (None, {"type": "text"}):
-            raise NotImplementedError(f"response_format {self.response_format.get('type')!r} is not supported "
-                                      "(no structured output); only 'text'")
         if self.tools:
             raise NotImplementedError("tools are not supported (no tool calling)")
         if self.tool_choice not in (None, "none"):

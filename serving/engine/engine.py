@@ -72,6 +72,8 @@ class Engine:
         if params.seed is not None:
             request.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         request.hypotheses[0].detok = IncrementalDetokenizer.for_prompt(slot.tokenizer, ids, params.skip_special_tokens)
+        if params.structured_outputs is not None:
+            request.hypotheses[0].grammar = self._matcher(slot, params)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -94,6 +96,15 @@ class Engine:
             self.abort_request(request_id)
         pools_full = all(s.kv.pool.num_free_blocks == s.kv.pool.num_blocks for s in self.slots.values())
         return pools_full and not self.has_unfinished_requests()
+
+    @staticmethod
+    def _matcher(slot: ModelSlot, params: SamplingParams):
+        from counterpoint.decoding.grammar import new_matcher
+
+        try:
+            return new_matcher(slot.compile_grammar(params.structured_outputs))
+        except ValueError as err:
+            raise InvalidRequest(str(err), params.structured_outputs.source) from None
 
     def _streams(self, slot: ModelSlot, params: SamplingParams, has_no_context: bool) -> dict[str, str]:
         """Stream name -> model slot for a request on `slot`."""
@@ -186,7 +197,8 @@ class Engine:
 
     def _group(self, request: Request, logits: dict[int, torch.Tensor]) -> decoding_step.DecodeGroup:
         hyps, tokenizer = request.hypotheses, self._tokenizer(request)
-        rows = [Row(request.params, request.prompt_token_ids, h.output_ids, request.eos_ids) for h in hyps]
+        rows = [Row(request.params, request.prompt_token_ids, h.output_ids, request.eos_ids, grammar=h.grammar)
+                for h in hyps]
         is_first = not hyps[0].output_ids and len(hyps) == 1 and request.beam is None
         second = next((name for name in ("amateur", "no_context") if name in request.streams), None)
         other = torch.cat([logits[h.seqs[second].seq_id][-1:] for h in hyps]) if second else None

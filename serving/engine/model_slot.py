@@ -34,10 +34,19 @@ class ModelSlot:
     max_model_len: int
     kv: KVManager
     runner: ModelRunner
+    grammar_compiler: object = None  # decoding.grammar.GrammarCompiler, made for the first structured request
 
     @property
     def vocab_size(self) -> int:
         return self.model.shape.vocab_size
+
+    def compile_grammar(self, structured):
+        """The compiled grammar of a request's structured_outputs (ValueError naming its field)."""
+        if self.grammar_compiler is None:
+            from counterpoint.decoding.grammar import GrammarCompiler
+
+            self.grammar_compiler = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self.grammar_compiler.compile(structured)
 
 
 def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:

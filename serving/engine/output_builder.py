@@ -22,6 +22,10 @@ def record_token(request: Request, hyp: Hypothesis, choice: TokenChoice, tokeniz
     """Append the token with what the client asked to see of it; returns the new text."""
     token, params = choice.token_id, request.params
     hyp.output_ids.append(token)
+    if hyp.grammar is not None:
+        from counterpoint.decoding.grammar import advance
+
+        advance(hyp.grammar, token)
     for seq in hyp.seqs.values():
         seq.token_ids.append(token)
     if choice.logprob is not None:

@@ -62,6 +62,7 @@ class Hypothesis:
     detok: object = None  # IncrementalDetokenizer, set by the engine
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    grammar: object = None  # xgrammar matcher of a structured request: its state after output_ids
 
     @property
     def is_finished(self) -> bool:
@@ -72,7 +73,7 @@ class Hypothesis:
             index=index, seqs={name: s.fork() for name, s in self.seqs.items()} if with_seqs else {},
             output_ids=list(self.output_ids), cumulative_logprob=self.cumulative_logprob,
             logprobs=list(self.logprobs), decoding_info=list(self.decoding_info), text=self.text,
-            detok=self.detok.fork() if self.detok else None,
+            detok=self.detok.fork() if self.detok else None, grammar=self.grammar.fork() if self.grammar else None,
         )
 
 
