@@ -191,6 +191,10 @@ def test_error_statuses(llama_dir):
         assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["error"]["message"]
         models = client.models.list()
         assert models.data[0].id == MODEL and models.data[0].max_model_len == 64
+        assert client.models.retrieve(MODEL).id == MODEL
+        with pytest.raises(openai.NotFoundError) as err:
+            client.models.retrieve("nope")
+        assert err.value.body["code"] == "model_not_found"
         tokens = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "Paris is"},
                             headers={"Authorization": f"Bearer {KEY}"}).json()
         text = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]},

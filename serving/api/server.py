@@ -35,12 +35,24 @@ async def metrics(request: Request):
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+def _card(server: ServerState, name: str) -> dict:
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "counterpoint",
+            "max_model_len": server.max_model_len(name)}
+
+
 @router.get("/v1/models", dependencies=available)
 async def models(request: Request):
     server = state(request)
-    cards = [{"id": name, "object": "model", "created": int(time.time()), "owned_by": "counterpoint",
-              "max_model_len": server.max_model_len(name)} for name in server.served]
-    return {"object": "list", "data": cards}
+    return {"object": "list", "data": [_card(server, name) for name in server.served]}
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=available)
+async def model(model_id: str, request: Request):
+    server = state(request)
+    if model_id not in server.served:
+        raise APIError(404, f"model {model_id!r} is not served; served: {', '.join(server.served)}", param="model",
+                       code="model_not_found")
+    return _card(server, model_id)
 
 
 @router.post("/tokenize", dependencies=available)
