@@ -252,8 +252,6 @@ def test_chat_content_parts_and_unsupported_openai_features(server, offline):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
     refused = [
         (dict(messages=[{"role": "user", "content": [image]}]), "messages.0.content", "only text content parts"),
-        (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools", "no tool calling"),
-        (dict(tool_choice="required"), "tool_choice", "no tool calling"),
     ]
     for kwargs, param, message in refused:
         with pytest.raises(openai.BadRequestError) as err:

@@ -13,6 +13,7 @@ from counterpoint.serving.api.errors import APIError
 from counterpoint.serving.api.protocol import ChatCompletionRequest, CompletionRequest
 from counterpoint.serving.api.state import state
 from counterpoint.serving.api.streaming import sse, stream_chat, stream_completion
+from counterpoint.serving.api.tools import render_messages
 from counterpoint.serving.engine.documents import chat_with_documents, prompt_with_documents
 
 router = APIRouter()
@@ -43,8 +44,9 @@ async def chat(body: ChatCompletionRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
     params = _params(body)
+    functions = body.functions if body.uses_tools else []
     prompt, ids, no_context = await server.off_loop(_render_chat, body.message_dicts(), body.documents, params,
-                                                    tokenizer)
+                                                    tokenizer, functions)
     gen = server.engine.generate(prompt, params, "chat", body.model, prompt_token_ids=ids, no_context=no_context)
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     [stream] = await start_all([gen], request, {"prompt": "messages", "max_tokens": max_field})
@@ -70,12 +72,15 @@ def _render_completions(prompts: list, documents: list[str] | None, params, toke
     return rendered
 
 
-def _render_chat(messages: list[dict], documents: list[str] | None, params, tokenizer) -> tuple:
+def _render_chat(messages: list[dict], documents: list[str] | None, params, tokenizer, functions: list[dict]) -> tuple:
     """(prompt text with the documents, its token ids, token ids without the documents or None)."""
     extra = {}
+    if functions or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
+        messages, extra = _or_400(lambda: render_messages(messages, functions, tokenizer), "messages")
     if documents:
         try:
-            with_docs, extra = chat_with_documents(messages, documents, tokenizer)
+            with_docs, documents_extra = chat_with_documents(messages, documents, tokenizer)
+            extra = {**extra, **documents_extra}
         except ValueError as err:
             raise APIError(400, f"documents: {err}", param="documents") from err
     else:
@@ -83,7 +88,8 @@ def _render_chat(messages: list[dict], documents: list[str] | None, params, toke
     prompt = chat_prompt(tokenizer, with_docs, tokenize=False, **extra)
     no_context = None
     if params.context_contrast is not None:
-        no_context = tokenizer.encode(chat_prompt(tokenizer, messages, tokenize=False))
+        tools = {"tools": extra["tools"]} if "tools" in extra else {}
+        no_context = tokenizer.encode(chat_prompt(tokenizer, messages, tokenize=False, **tools))
     return prompt, tokenizer.encode(prompt), no_context
 
 

@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.decoding.params import CONTEXT_CONTRAST_METHODS, ContrastiveParams
+from counterpoint.serving.api.tools import call_schema, check_tools
 
 _CD_DEFAULTS = {f.name: f.default for f in fields(ContrastiveParams)}
 
@@ -208,13 +209,18 @@ class ChatCompletionRequest(_Common):
     tool_choice: str | dict | None = None
 
     def to_sampling_params(self) -> SamplingParams:
-        self._refuse_unsupported()
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         structured = self._response_format()
         if structured and self.structured_outputs():
             raise ValueError("response_format: give either response_format or a guided_* field, not both")
+        schema = call_schema(self.functions, self.tool_choice)
+        if schema is not None:
+            if structured or self.structured_outputs():
+                raise ValueError("tool_choice: a required or named tool call cannot be combined with "
+                                 "response_format or guided_*")
+            structured = {"json": schema, "source": "tool_choice"}
         return self.sampling_params(max_tokens, (self.top_logprobs or 0) if self.logprobs else None,
                                     structured_outputs=structured)
 
@@ -234,12 +240,16 @@ class ChatCompletionRequest(_Common):
             return {"json": spec["schema"], "strict": spec.get("strict") is not False, "source": "response_format"}
         raise ValueError(f"response_format.type must be text, json_object or json_schema; got {kind!r}")
 
-    def _refuse_unsupported(self) -> None:
-        """OpenAI features the server does not have get a 400 rather than being silently ignored."""
-        if self.tools:
-            raise NotImplementedError("tools are not supported (no tool calling)")
-        if self.tool_choice not in (None, "none"):
-            raise NotImplementedError("tool_choice is not supported (no tool calling); only 'none'")
+    @property
+    def functions(self) -> list[dict]:
+        """The offered functions (validated: ValueError naming tools or tool_choice)."""
+        return check_tools(self.tools, self.tool_choice)
+
+    @property
+    def uses_tools(self) -> bool:
+        """Tools reach the prompt and the answer is parsed for calls (tool_choice is not "none")."""
+        return bool(self.tools) and self.tool_choice != "none"
+
 
     def message_dicts(self) -> list[dict]:
         return [m.model_dump(exclude_none=True) for m in self.messages]

@@ -2,6 +2,7 @@
 
 import time
 
+from counterpoint.serving.api.tools import parse_tool_calls
 from counterpoint.serving.engine.outputs import CompletionOutput, Logprob, RequestOutput
 
 
@@ -93,10 +94,20 @@ def completion_choice(index: int, out: RequestOutput, o: CompletionOutput, body,
     return choice
 
 
+def chat_message(o: CompletionOutput, body) -> tuple[dict, str | None]:
+    """The assistant message and finish reason: an answer that is a call of an offered function
+    becomes `tool_calls` with finish reason "tool_calls"."""
+    calls = parse_tool_calls(o.text, body.functions) if body.uses_tools and o.finish_reason == "stop" else None
+    if calls:
+        return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"role": "assistant", "content": o.text}, o.finish_reason
+
+
 def chat_choice(o: CompletionOutput, body) -> dict:
-    choice = {"index": o.index, "message": {"role": "assistant", "content": o.text},
+    message, finish_reason = chat_message(o, body)
+    choice = {"index": o.index, "message": message,
               "logprobs": chat_logprobs(o.logprobs, o.token_ids, body.top_logprobs or 0) if body.logprobs else None,
-              "finish_reason": o.finish_reason}
+              "finish_reason": finish_reason}
     if body.return_decoding_info:
         choice["decoding_info"] = decoding_info(o)
     return choice

@@ -95,6 +95,20 @@ def _echo_first(body, streams, tokenizer):
     return chunks
 
 
+def _tools_chunk(o, body) -> dict:
+    """A finished answer to a request with tools, as one chunk: its calls, or its text."""
+    message, finish_reason = R.chat_message(o, body)
+    if message.get("tool_calls"):
+        delta = {"tool_calls": [{"index": k, **call} for k, call in enumerate(message["tool_calls"])]}
+    else:
+        delta = {"content": message["content"]}
+    choice = {"index": o.index, "delta": delta, "finish_reason": finish_reason,
+              "logprobs": R.chat_logprobs(o.logprobs, o.token_ids, body.top_logprobs or 0) if body.logprobs else None}
+    if body.return_decoding_info:
+        choice["decoding_info"] = R.decoding_info(o)
+    return choice
+
+
 async def stream_chat(rid, body, params, stream, model):
     created, sent, tokens_sent, ended, out = int(time.time()), {}, {}, set(), None
     for j in range(body.n):
@@ -103,6 +117,11 @@ async def stream_chat(rid, body, params, stream, model):
     try:
         async for out in stream:
             for o in out.outputs:
+                if body.uses_tools:  # NOTE: held back until the end, when it is known to be a call or text
+                    if o.finish_reason is not None and o.index not in ended:
+                        ended.add(o.index)
+                        yield R.envelope("chat.completion.chunk", rid, model, [_tools_chunk(o, body)], created)
+                    continue
                 text = R.stream_text(o, params.stop_strings)
                 delta, start_tok = text[sent.get(o.index, 0):], tokens_sent.get(o.index, 0)
                 if o.index in ended or (not delta and o.finish_reason is None):
