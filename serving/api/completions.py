@@ -23,8 +23,8 @@ router = APIRouter()
 async def completions(body: CompletionRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
-    params = _params(body)
-    prompts = _or_400(body.prompts, "prompt")
+    params = params_or_400(body)
+    prompts = or_400(body.prompts, "prompt")
     rendered = await server.off_loop(_render_completions, prompts, body.documents, params, tokenizer)
     gens = [server.engine.generate(text, params, "cmpl", body.model, prompt_token_ids=ids, no_context=no_context)
             for text, ids, no_context in rendered]
@@ -43,9 +43,9 @@ async def completions(body: CompletionRequest, request: Request):
 async def chat(body: ChatCompletionRequest, request: Request):
     server = state(request)
     tokenizer = server.tokenizer(body.model)
-    params = _params(body)
+    params = params_or_400(body)
     functions = body.functions if body.uses_tools else []
-    prompt, ids, no_context = await server.off_loop(_render_chat, body.message_dicts(), body.documents, params,
+    prompt, ids, no_context = await server.off_loop(render_chat, body.message_dicts(), body.documents, params,
                                                     tokenizer, functions)
     gen = server.engine.generate(prompt, params, "chat", body.model, prompt_token_ids=ids, no_context=no_context)
     max_field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
@@ -72,11 +72,11 @@ def _render_completions(prompts: list, documents: list[str] | None, params, toke
     return rendered
 
 
-def _render_chat(messages: list[dict], documents: list[str] | None, params, tokenizer, functions: list[dict]) -> tuple:
+def render_chat(messages: list[dict], documents: list[str] | None, params, tokenizer, functions: list[dict]) -> tuple:
     """(prompt text with the documents, its token ids, token ids without the documents or None)."""
     extra = {}
     if functions or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages):
-        messages, extra = _or_400(lambda: render_messages(messages, functions, tokenizer), "messages")
+        messages, extra = or_400(lambda: render_messages(messages, functions, tokenizer), "messages")
     if documents:
         try:
             with_docs, documents_extra = chat_with_documents(messages, documents, tokenizer)
@@ -93,14 +93,14 @@ def _render_chat(messages: list[dict], documents: list[str] | None, params, toke
     return prompt, tokenizer.encode(prompt), no_context
 
 
-def _or_400(fn, param: str):
+def or_400(fn, param: str):
     try:
         return fn()
     except ValueError as err:
         raise APIError(400, str(err), param=param) from err
 
 
-def _params(body):
+def params_or_400(body):
     try:
         return body.to_sampling_params()
     except NotImplementedError as err:

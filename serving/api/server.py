@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from counterpoint.serving.api.async_engine import AsyncEngine
 from counterpoint.serving.api.chat_template import chat_prompt
 from counterpoint.serving.api.completions import router as completions_router
+from counterpoint.serving.api.responses_api import router as responses_router
 from counterpoint.serving.api.errors import APIError, install_error_handlers
 from counterpoint.serving.api.protocol import DetokenizeRequest, TokenizeRequest
 from counterpoint.serving.api.guard import Guard
@@ -96,5 +97,6 @@ def build_app(engine: AsyncEngine, served: list[str], api_key: str | None = None
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(completions_router, dependencies=available)
+    app.include_router(responses_router, dependencies=available)
     app.add_middleware(Guard, api_key=api_key)
     return app
