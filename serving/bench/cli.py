@@ -80,9 +80,15 @@ def _decoding_bench_parsers(bench) -> None:
     r.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
     r.add_argument("--document-len", type=positive_int, default=256, help="tokens of the documents block")
     r.add_argument("--question-len", type=positive_int, default=32, help="tokens of the question after it")
+    st = bench.add_parser("structured", help="greedy tokens/s under a JSON schema over unconstrained greedy tokens/s")
+    st.add_argument("--model", required=True, help="local Hugging Face model directory")
+    st.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 16],
+                    help="requests in flight; one run each")
+    st.add_argument("--num-prompts", type=positive_int, default=None, help="default: 2 x concurrency, at least 4")
+    st.add_argument("--input-len", type=positive_int, default=128, help="prompt length in tokens")
     _kernels_bench_parser(bench)
     _quant_bench_parser(bench)
-    for p in (b, c, r):
+    for p in (b, c, r, st):
         p.add_argument("--output-len", type=positive_int, default=64, help="output tokens (EOS ignored)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
         p.add_argument("--json", default=None, help="write the results here")
@@ -146,7 +152,7 @@ def run_bench(args) -> None:
         from counterpoint.serving.bench.serve import serve_benchmark
 
         result = serve_benchmark(args)
-    elif args.bench in ("beam", "contrastive", "context-contrast"):
+    elif args.bench in ("beam", "contrastive", "context-contrast", "structured"):
         from counterpoint.serving.bench import decoding
 
         result = getattr(decoding, args.bench.replace("-", "_"))(args)

@@ -5,6 +5,8 @@ run, with the KV blocks beam search holds against a copy-everything baseline.
 `bench contrastive`: tokens/s of contrastive decoding divided by greedy tokens/s on the same expert.
 `bench context-contrast`: tokens/s of ACD (or CAD, AdaCAD) divided by plain RAG greedy tokens/s on
 the same model, documents and questions.
+`bench structured`: tokens/s of greedy decoding under a JSON schema divided by unconstrained
+greedy tokens/s: the cost of the grammar mask.
 """
 
 import dataclasses
@@ -151,3 +153,36 @@ def context_contrast(args) -> dict:
     return dict(benchmark="context-contrast", method=args.method, model=args.model, dtype=args.dtype,
                 document_len=args.document_len, question_len=args.question_len, output_len=args.output_len,
                 threads=torch.get_num_threads(), results=results)
+
+
+# A schema the answer cannot finish early by its structure: a list of strings as long as it likes.
+OPEN_SCHEMA = {"type": "object", "required": ["items"], "additionalProperties": False,
+               "properties": {"items": {"type": "array", "items": {"type": "string"}}}}
+
+
+def structured(args) -> dict:
+    from counterpoint.serving.llm import LLM
+
+    results = []
+    for concurrency in args.concurrency:
+        llm = LLM(args.model, max_num_seqs=concurrency, show_progress=False, enable_prefix_caching=False,
+                  **engine_kwargs(args))
+        engine = llm.engine
+        work = random_workload(args.num_prompts or max(4, 2 * concurrency), args.input_len, args.output_len, 0.0,
+                               engine.main.vocab_size, args.seed)
+        plain = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+        constrained = dataclasses.replace(plain, structured_outputs={"json": OPEN_SCHEMA})
+        tokens = len(work.prompts) * args.output_len
+        for warm in (plain, constrained):
+            _drive(engine, work.prompts[:concurrency], dataclasses.replace(warm, max_tokens=2), "warm-up")
+        plain_s = _drive(engine, work.prompts, plain, f"greedy c={concurrency}")[0]
+        constrained_s = _drive(engine, work.prompts, constrained, f"json_schema c={concurrency}")[0]
+        row = dict(concurrency=concurrency, num_prompts=len(work.prompts), greedy_tok_s=tokens / plain_s,
+                   json_schema_tok_s=tokens / constrained_s, ratio=plain_s / constrained_s)
+        print(f"concurrency {concurrency}: greedy {row['greedy_tok_s']:.1f} tok/s | json_schema "
+              f"{row['json_schema_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}", flush=True)
+        results.append(row)
+        del llm, engine
+    return dict(benchmark="structured", model=args.model, dtype=args.dtype, schema=OPEN_SCHEMA,
+                input_len=args.input_len, output_len=args.output_len, threads=torch.get_num_threads(),
+                results=results)
