@@ -39,8 +39,9 @@ def _quantize_parser(train) -> None:
                                           "pre-quantized bitsandbytes checkpoint")
     p.add_argument("model", help="Hugging Face model directory")
     p.add_argument("out", help="output directory")
-    p.add_argument("--method", default="gptq", choices=["gptq", "rtn", "bnb-nf4", "bnb-int8"])
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--method", default="gptq", choices=["gptq", "rtn", "bnb-nf4", "bnb-int8"],
+                   help="gptq, round-to-nearest, or a bitsandbytes checkpoint")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8], help="bits per weight (gptq, rtn)")
     p.add_argument("--group-size", type=int, default=128, help="input columns per scale; -1: one per row")
     p.add_argument("--desc-act", action="store_true", help="GPTQ act-order: columns by decreasing Hessian diagonal")
     p.add_argument("--sym", action="store_true", help="symmetric grid (zero point in the middle)")
@@ -49,7 +50,7 @@ def _quantize_parser(train) -> None:
     p.add_argument("--calibration-rows", type=int, default=64, help="rows of calibration text")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows for the perplexity before and after")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration/held-out split")
 
 
 def _surgery_parsers(train) -> None:
@@ -65,7 +66,8 @@ def _surgery_parsers(train) -> None:
     up.add_argument("model", help="Hugging Face model directory")
     up.add_argument("out", help="output directory")
     up.add_argument("--overlap", type=int, required=True, help="m, the layers each copy drops")
-    up.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    up.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the written weights")
     ex = train.add_parser("expand", help="block expansion (LLaMA Pro): a zeroed copy after every k-th block; "
                                          "--train trains only the new blocks")
     ex.add_argument("model", help="Hugging Face model directory")
@@ -82,9 +84,9 @@ def _surgery_parsers(train) -> None:
     lo.add_argument("--chat-data", default=None, help='JSONL of {"messages": [...]} (instead of --files)')
     lo.add_argument("--rank", type=int, default=8, help="r")
     lo.add_argument("--alpha", type=float, default=16.0, help="α: the update is scaled by α/r")
-    lo.add_argument("--dropout", type=float, default=0.0)
+    lo.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     lo.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                            "up_proj", "down_proj"])
+                                                            "up_proj", "down_proj"], help="linear layers adapted")
     lo.add_argument("--merge", action="store_true", help="also write the model with W + (α/r)·B·A to OUT/merged")
     lo.add_argument("--full", action="store_true", help="a full fine-tune instead (same data and steps), to compare")
     _add_loop_flags(lo, steps=100)
