@@ -102,7 +102,7 @@ def encode(body) -> bytes:
 
 
 # A longer run by hand: COUNTERPOINT_FUZZ_EXAMPLES=1500 python -m pytest -s tests/test_fuzz_http.py
-EXAMPLES = int(os.environ.get("COUNTERPOINT_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("COUNTERPOINT_FUZZ_EXAMPLES", "200"))
 
 
 def test_fuzzed_bodies_never_get_a_5xx(server):
