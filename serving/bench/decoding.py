@@ -45,6 +45,22 @@ def _drive(engine, prompts, params, desc: str, no_contexts=None, in_flight: int 
     return time.perf_counter() - start, peak_used, peak_copy
 
 
+def against_greedy(engine, prompts, concurrency: int, output_len: int, greedy: SamplingParams,
+                   other: SamplingParams, name: str) -> dict:
+    """Tokens/s of greedy and of `other` on the same prompts and engine, one after the other, and
+    their ratio; both warmed up first at the timed concurrency."""
+    tokens = len(prompts) * output_len
+    for warm in (greedy, other):  # the timed batch shapes allocate and compile here, out of both timings
+        _drive(engine, prompts[:concurrency], dataclasses.replace(warm, max_tokens=2), "warm-up")
+    greedy_s = _drive(engine, prompts, greedy, f"greedy c={concurrency}")[0]
+    other_s = _drive(engine, prompts, other, f"{name} c={concurrency}")[0]
+    row = {"concurrency": concurrency, "num_prompts": len(prompts), "greedy_tok_s": tokens / greedy_s,
+           f"{name}_tok_s": tokens / other_s, "ratio": greedy_s / other_s}
+    print(f"concurrency {concurrency}: greedy {row['greedy_tok_s']:.1f} tok/s | {name} "
+          f"{row[f'{name}_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}", flush=True)
+    return row
+
+
 def _transformers_beams(model, prompts, width: int, output_len: int) -> float:
     model.generation_config.eos_token_id = None  # every beam runs to output_len, as with ignore_eos
     start = time.perf_counter()
@@ -100,17 +116,8 @@ def contrastive(args) -> dict:
         work = random_workload(args.num_prompts or max(4, 2 * concurrency), args.input_len, args.output_len, 0.0,
                                engine.main.vocab_size, args.seed)
         greedy = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-        cd = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True,
-                            contrastive={"amateur": AMATEUR, "alpha": args.alpha, "beta": args.beta})
-        tokens = len(work.prompts) * args.output_len
-        for warm in (greedy, cd):  # the timed batch shapes allocate and compile here, out of both timings
-            _drive(engine, work.prompts[:concurrency], dataclasses.replace(warm, max_tokens=2), "warm-up")
-        greedy_s = _drive(engine, work.prompts, greedy, f"greedy c={concurrency}")[0]
-        cd_s = _drive(engine, work.prompts, cd, f"contrastive c={concurrency}")[0]
-        row = dict(concurrency=concurrency, num_prompts=len(work.prompts), greedy_tok_s=tokens / greedy_s,
-                   contrastive_tok_s=tokens / cd_s, ratio=greedy_s / cd_s)
-        print(f"concurrency {concurrency}: greedy {row['greedy_tok_s']:.1f} tok/s | contrastive "
-              f"{row['contrastive_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}", flush=True)
+        cd = dataclasses.replace(greedy, contrastive={"amateur": AMATEUR, "alpha": args.alpha, "beta": args.beta})
+        row = against_greedy(engine, work.prompts, concurrency, args.output_len, greedy, cd, "contrastive")
         results.append(row)
         del llm, engine
     return dict(benchmark="contrastive", model=args.model, amateur=args.amateur, dtype=args.dtype,
@@ -172,15 +179,7 @@ def structured(args) -> dict:
                                engine.main.vocab_size, args.seed)
         plain = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
         constrained = dataclasses.replace(plain, structured_outputs={"json": OPEN_SCHEMA})
-        tokens = len(work.prompts) * args.output_len
-        for warm in (plain, constrained):
-            _drive(engine, work.prompts[:concurrency], dataclasses.replace(warm, max_tokens=2), "warm-up")
-        plain_s = _drive(engine, work.prompts, plain, f"greedy c={concurrency}")[0]
-        constrained_s = _drive(engine, work.prompts, constrained, f"json_schema c={concurrency}")[0]
-        row = dict(concurrency=concurrency, num_prompts=len(work.prompts), greedy_tok_s=tokens / plain_s,
-                   json_schema_tok_s=tokens / constrained_s, ratio=plain_s / constrained_s)
-        print(f"concurrency {concurrency}: greedy {row['greedy_tok_s']:.1f} tok/s | json_schema "
-              f"{row['json_schema_tok_s']:.1f} tok/s | ratio {row['ratio']:.2f}", flush=True)
+        row = against_greedy(engine, work.prompts, concurrency, args.output_len, plain, constrained, "json_schema")
         results.append(row)
         del llm, engine
     return dict(benchmark="structured", model=args.model, dtype=args.dtype, schema=OPEN_SCHEMA,
