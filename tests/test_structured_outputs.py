@@ -11,9 +11,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from counterpoint.serving.engine.config import EngineConfig
-from counterpoint.serving.engine.engine import Engine
-from test_http_server import MODEL, Server
+from test_http_decoding import server  # noqa: F401  (the served model and its amateur)
+from test_http_server import MODEL
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["color", "ok", "count"],
           "properties": {"color": {"enum": ["red", "green", "blue"]}, "ok": {"type": "boolean"},
@@ -26,15 +25,6 @@ class Answer(BaseModel):
     color: Literal["red", "green", "blue"]
     ok: bool
     count: int = Field(ge=0, le=99)
-
-
-@pytest.fixture(scope="module")
-def server(llama_dir, amateur_dir):
-    engine = Engine(EngineConfig(model=str(llama_dir), served_name=MODEL, extra_models=(("amateur", str(amateur_dir)),),
-                                 show_progress=False))
-    s = Server(llama_dir, engine=engine, served=(MODEL, "amateur"))
-    yield s
-    s.stop()
 
 
 @pytest.mark.parametrize("decoding", [
