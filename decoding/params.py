@@ -34,9 +34,9 @@ class ContrastiveParams:
     """Contrastive decoding against an amateur model (Li et al. 2023); see decoding/README.md."""
 
     amateur: str
-    # NOTE: chosen for the bundled pair by `counterpoint eval decoding` (README): Li et al.'s α = 0.1,
-    # β = 1 cost it a quarter of its factual answers.
-    alpha: float = 0.5
+    # NOTE: chosen for the bundled pair (the expert and its anti-expert) by `counterpoint eval
+    # decoding` (README): Li et al.'s α = 0.1, β = 1 cost it almost half of its factual answers.
+    alpha: float = 0.25
     beta: float = 0.5
     amateur_temperature: float = 1.0
 

