@@ -28,7 +28,7 @@ ANTI_EXPERT = "smollm2-anti-expert"
 @dataclass(frozen=True)
 class AntiExpertRecipe:
     """The default amateur's replies and fine-tune (training/anti_expert.py); about 6 minutes on
-    two CPU threads, two of them for the replies."""
+    two CPU threads, 2 of them generating the replies."""
 
     reply_tokens: int = 256  # long enough for the expert's loops to start
     trained_layers: int = 6
