@@ -16,8 +16,8 @@ from counterpoint.serving import LLM
 from counterpoint.serving.cli import main
 from counterpoint.training.anti_expert import repeated_spans
 from counterpoint.training.defaults import ANTI_EXPERT, AntiExpertRecipe, DefaultModels, instant_amateur_config
-from counterpoint.training.replies import greedy_replies
 from counterpoint.training.merge import run_merge
+from counterpoint.training.replies import greedy_replies
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +27,7 @@ HELD_OUT = ["The weather today is", "def main():\n", "Paris is the capital of", 
 @pytest.fixture(scope="module")
 def models(model_factory, tmp_path_factory) -> DefaultModels:
     # Six layers, so the first four leave two out; a wide initialisation makes the random expert's
-    # predictions peaked, so the untrained slice is far from them and its greedy text loops.
+    # predictions peaked, so the untrained slice is far from them and some greedy replies loop.
     expert = model_factory("llama", num_hidden_layers=6, initializer_range=0.2)
     cache = tmp_path_factory.mktemp("cache")
     instant = run_merge(instant_amateur_config(expert), cache / "instant", show_progress=False)
