@@ -100,20 +100,20 @@ def fit_anti_expert(cfg: AntiExpertConfig, replies: list[Reply], show_progress: 
                          f"val_replies={cfg.val_replies}: ask for longer replies")
     val = training_rows(looping[: cfg.val_replies], cfg.ngram)
     train = training_rows(looping[cfg.val_replies :], cfg.ngram)
-    before = held_out_metrics(expert, expert, val)
+    before = held_out_metrics(expert, None, val)
 
     def loss(rows: torch.Tensor) -> torch.Tensor:
         ce, kl = loss_terms(model, expert if cfg.w_kl else None, rows)
         return ce + cfg.w_kl * kl
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state = {"step": 0, "history": [], "val": []}
     @torch.no_grad()
     def validate() -> float:
         return loss(val).item()
 
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state = {"step": 0, "history": [], "val": []}
     train_loop(cfg, trained, optimizer, train, state, out, loss, validate, show_progress, name="anti-expert")
     (out / CHECKPOINT).unlink()
     metrics = {"val_span_logprob_expert": before["span_logprob"], **held_out_metrics(model, expert, val),
@@ -124,7 +124,8 @@ def fit_anti_expert(cfg: AntiExpertConfig, replies: list[Reply], show_progress: 
 
 @torch.no_grad()
 def held_out_metrics(model, expert, rows: torch.Tensor) -> dict:
-    """The mean log-probability of the repeated spans' tokens, and the KL to the expert elsewhere."""
+    """The mean log-probability of the repeated spans' tokens, and the KL to the expert elsewhere
+    (0 without an expert)."""
     ce, kl = loss_terms(model, expert, rows)
     return {"span_logprob": -ce.item(), "kl_elsewhere": kl.item()}
 
