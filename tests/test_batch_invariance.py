@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving import LLM
+from counterpoint.serving.models.cpu_linear import PackedLinear
 from test_greedy_vs_transformers import hf_greedy
 
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
@@ -28,16 +29,19 @@ def bf16_dir(model_factory):
 
 @pytest.fixture
 def rows_dependent_linear(monkeypatch):
-    """F.linear whose result shifts with the number of rows (a stand-in for kernels that block a
-    batch by its size); one row at a time it is the real thing."""
-    real = F.linear
+    """F.linear and the CPU's packed linear, whose results shift with the number of rows (a
+    stand-in for kernels that block a batch by its size); one row at a time they are the real thing."""
 
-    def linear(x, weight, bias=None):
-        out = real(x, weight, bias)
-        rows = x.reshape(-1, x.shape[-1]).shape[0]
-        return out * (1 + 1e-2 * (rows - 1))
+    def rows_dependent(real):
+        def linear(*args, **kwargs):
+            out = real(*args, **kwargs)
+            rows = out.reshape(-1, out.shape[-1]).shape[0]
+            return out * (1 + 1e-2 * (rows - 1))
 
-    monkeypatch.setattr(F, "linear", linear)
+        return linear
+
+    monkeypatch.setattr(F, "linear", rows_dependent(F.linear))
+    monkeypatch.setattr(PackedLinear, "forward", rows_dependent(PackedLinear.forward))
 
 
 def target_output(llm: LLM, others: list[list[int]]):

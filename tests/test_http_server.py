@@ -379,12 +379,27 @@ def test_bench_serve_reports_latencies(server, tmp_path):
 
     from counterpoint.serving.bench.serve import serve_benchmark
 
-    args = Namespace(base_url=server.url, model=MODEL, api_key=None, num_prompts=6, dataset=None, output_len=5,
-                     request_rate=None, max_concurrency=3, seed=0, plot=str(tmp_path / "plot.png"), json=None)
+    args = Namespace(base_url=server.url, model=MODEL, api_key=None, num_prompts=6, dataset=None, input_len=None,
+                     max_token_id=None, output_len=5, request_rate=None, max_concurrency=3, seed=0, plot=str(tmp_path / "plot.png"),
+                     json=None)
     summary = serve_benchmark(args)
     assert summary["num_failed"] == 0 and summary["num_requests"] == 6
     assert summary["output_token_throughput"] > 0 and (tmp_path / "plot.png").is_file()
     assert summary["ttft_s"]["p50"] <= summary["e2e_latency_s"]["p50"]
+
+
+def test_bench_serve_sends_prompts_of_exactly_input_len_tokens(server):
+    from argparse import Namespace
+
+    from counterpoint.serving.bench.serve import serve_benchmark
+
+    label = (("model_name", MODEL),)
+    before = scrape(server)
+    args = Namespace(base_url=server.url, model=MODEL, api_key=None, num_prompts=3, dataset=None, input_len=13,
+                     max_token_id=300, output_len=2, request_rate=None, max_concurrency=2, seed=0, plot=None, json=None)
+    assert serve_benchmark(args)["num_failed"] == 0
+    assert wait_until(lambda: scrape(server)[("counterpoint:prompt_tokens_total", label)]
+                      - before.get(("counterpoint:prompt_tokens_total", label), 0) == 3 * 13)
 
 
 def test_health_is_503_while_loading(llama_dir):

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend, write_kv
+from counterpoint.serving.models.cpu_linear import compute_dtype
 
 
 @register_backend("torch")
@@ -16,6 +17,7 @@ class TorchAttention(AttentionBackend):
 
     def prepare(self, meta: AttentionMetadata, cache: KVCache) -> None:
         self.meta, self.cache = meta, cache
+        self.compute = compute_dtype(cache.data.dtype, cache.data.device)
         bs, n = meta.block_size, meta.num_decodes
         self.store_blocks = meta.slot_mapping // bs
         self.store_offsets = meta.slot_mapping % bs
@@ -51,12 +53,12 @@ class TorchAttention(AttentionBackend):
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[1]
         gathered = kv_cache.index_select(2, self.decode_tables)  # (2, Hkv, Bd·nblk, bs, D)
-        keys, values = gathered.view(2, num_kv_heads, num_seqs, -1, head_dim)  # (Hkv, Bd, L, D) each
-        q = q.view(num_seqs, num_kv_heads, -1, head_dim).transpose(0, 1)  # (Hkv, Bd, G, D)
+        keys, values = gathered.to(self.compute).view(2, num_kv_heads, num_seqs, -1, head_dim)  # (Hkv, Bd, L, D)
+        q = q.to(self.compute).view(num_seqs, num_kv_heads, -1, head_dim).transpose(0, 1)  # (Hkv, Bd, G, D)
         scores = torch.matmul(q, keys.transpose(-1, -2)).float() * self.scale  # (Hkv, Bd, G, L)
-        probs = torch.softmax(scores + self.decode_bias[None, :, None, :], dim=-1).to(q.dtype)
+        probs = torch.softmax(scores + self.decode_bias[None, :, None, :], dim=-1).to(self.compute)
         out = torch.matmul(probs, values)  # (Hkv, Bd, G, D)
-        return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim)
+        return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim).to(gathered.dtype)
 
     def _prefill(self, q, k, v, table, context, kv_cache):
         qlen = q.shape[0]

@@ -3,7 +3,7 @@
 import argparse
 import json
 
-from counterpoint.serving.flags import add_engine_flags, positive_int
+from counterpoint.serving.flags import add_engine_flags, positive_float, positive_int
 
 # The shape `bench kernels` times: Llama 3.2 1B with random weights.
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -34,7 +34,12 @@ def add_bench_parser(sub) -> None:
     srv.add_argument("--model", required=True, help="the served model id")
     srv.add_argument("--api-key", default=None, help="bearer key, if the server wants one")
     srv.add_argument("--num-prompts", type=positive_int, default=64, help="requests to send")
-    srv.add_argument("--dataset", default=None, help='JSONL with {"prompt": ...} per line (default: bundled set)')
+    prompts = srv.add_mutually_exclusive_group()
+    prompts.add_argument("--dataset", default=None, help='JSONL with {"prompt": ...} per line (default: bundled set)')
+    prompts.add_argument("--input-len", type=positive_int, default=None,
+                         help="send random prompts of exactly this many token ids instead")
+    srv.add_argument("--max-token-id", type=positive_int, default=9999,
+                     help="--input-len prompts draw ids from a tenth of this up to it (keep it below the vocabulary)")
     srv.add_argument("--output-len", type=positive_int, default=128, help="output tokens per request (EOS ignored)")
     load = srv.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
@@ -42,6 +47,7 @@ def add_bench_parser(sub) -> None:
     srv.add_argument("--seed", type=int, default=0, help="seed of the prompt order and arrivals")
     srv.add_argument("--plot", default=None, help="write latency/throughput plots to this PNG")
     srv.add_argument("--json", default=None, help="write the results here")
+    _compare_bench_parser(bench)
     lat = bench.add_parser("latency", help="end-to-end latency of one batch, time to first token")
     lat.add_argument("--model", required=True, help="local Hugging Face model directory")
     lat.add_argument("--batch-size", type=positive_int, default=1, help="requests in the batch")
@@ -93,6 +99,26 @@ def _decoding_bench_parsers(bench) -> None:
         p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
         p.add_argument("--json", default=None, help="write the results here")
         add_engine_flags(p)
+
+
+def _compare_bench_parser(bench) -> None:
+    from counterpoint.serving.bench.compare import server_spec
+
+    c = bench.add_parser("compare", help="servers one at a time under the same load, rounds interleaved")
+    c.add_argument("--server", type=server_spec, action="append", required=True, metavar="NAME=COMMAND",
+                   help="a server's shell command, with {port} where its port goes; repeat (the first is judged)")
+    c.add_argument("--concurrency", type=positive_int, nargs="+", default=[1, 8, 32], help="requests in flight")
+    c.add_argument("--rounds", type=positive_int, default=2, help="times every server runs, interleaved")
+    c.add_argument("--input-len", type=positive_int, default=128, help="prompt length in token ids")
+    c.add_argument("--output-len", type=positive_int, default=128, help="output tokens per request (EOS ignored)")
+    c.add_argument("--max-token-id", type=positive_int, default=9999,
+                   help="prompts draw ids from a tenth of this up to it (keep it below the vocabulary)")
+    c.add_argument("--prompts-per-slot", type=positive_int, default=2, help="requests per unit of concurrency")
+    c.add_argument("--min-prompts", type=positive_int, default=8, help="requests per load at least")
+    c.add_argument("--startup-timeout", type=positive_float, default=600, help="seconds a server may take to start")
+    c.add_argument("--log-dir", default=".", help="where each server's output goes (NAME.log)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    c.add_argument("--json", default=None, help="write the results here")
 
 
 def _shape_pair(text: str) -> tuple[int, int]:
@@ -148,7 +174,11 @@ def _quant_bench_parser(bench) -> None:
 def run_bench(args) -> None:
     from counterpoint.serving.bench import offline
 
-    if args.bench == "serve":
+    if args.bench == "compare":
+        from counterpoint.serving.bench.compare import compare
+
+        result = compare(args)
+    elif args.bench == "serve":
         from counterpoint.serving.bench.serve import serve_benchmark
 
         result = serve_benchmark(args)

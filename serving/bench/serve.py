@@ -23,7 +23,14 @@ class RequestResult:
     error: str = ""
 
 
-def load_prompts(path: str | None, num: int, seed: int) -> list[str]:
+def load_prompts(path: str | None, num: int, seed: int, input_len: int | None = None,
+                 max_token_id: int = 9999) -> list[str] | list[list[int]]:
+    """`num` prompts: from a JSONL file, the bundled set, or (`input_len`) lists of random token
+    ids up to `max_token_id` (from a tenth of it, past special and byte tokens), which every
+    OpenAI-compatible server takes as they are, so each prompt is exactly that long."""
+    if input_len:
+        rng = random.Random(seed)
+        return [[rng.randint(max_token_id // 10, max_token_id) for _ in range(input_len)] for _ in range(num)]
     if path:
         with open(path) as f:
             prompts = [json.loads(line)["prompt"] for line in f if line.strip()]
@@ -33,7 +40,7 @@ def load_prompts(path: str | None, num: int, seed: int) -> list[str]:
     return [prompts[rng.randrange(len(prompts))] for _ in range(num)]
 
 
-async def one_request(client: httpx.AsyncClient, args, prompt: str) -> RequestResult:
+async def one_request(client: httpx.AsyncClient, args, prompt: str | list[int]) -> RequestResult:
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
     start = last = time.perf_counter()
@@ -62,7 +69,7 @@ async def one_request(client: httpx.AsyncClient, args, prompt: str) -> RequestRe
 
 
 async def run_load(args) -> tuple[list[RequestResult], float]:
-    prompts = load_prompts(args.dataset, args.num_prompts, args.seed)
+    prompts = load_prompts(args.dataset, args.num_prompts, args.seed, args.input_len, args.max_token_id)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.max_concurrency or 0, 256))
     semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
@@ -141,7 +148,7 @@ def serve_benchmark(args) -> dict:
     results, elapsed = asyncio.run(run_load(args))
     summary = summarize(results, elapsed)
     summary.update(base_url=args.base_url, model=args.model, max_concurrency=args.max_concurrency,
-                   request_rate=args.request_rate, output_len=args.output_len)
+                   request_rate=args.request_rate, input_len=args.input_len, output_len=args.output_len)
     print_table(summary)
     if args.plot:
         plot(results, summary, args.plot)

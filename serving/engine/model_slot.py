@@ -15,6 +15,7 @@ from counterpoint.serving.engine.config import EngineConfig
 from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
 from counterpoint.serving.engine.kv_manager import KVManager
 from counterpoint.serving.engine.model_runner import ModelRunner
+from counterpoint.serving.models.cpu_linear import pack_linears, packing_available
 from counterpoint.serving.models.gguf_file import config_dir
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
 from counterpoint.serving.models.llama import LlamaForCausalLM
@@ -80,6 +81,8 @@ def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineCo
         model.use_triton_kernels()
     if config.batch_invariant:
         model.make_batch_invariant()
+    elif config.torch_device.type == "cpu" and packing_available():
+        pack_linears(model)
     runner = ModelRunner(model, cache, backend, config.torch_device)
     if config.uses_cuda_graphs:
         sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)
@@ -139,7 +142,9 @@ def _describe(slot: ModelSlot, dtype: torch.dtype, num_blocks_reason: str) -> st
 
 def weight_bytes(model: LlamaForCausalLM) -> int:
     """Memory held by the weights, quantized codes and scales included (tied tensors once)."""
-    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t is not model.cos_sin}
+    # NOTE: oneDNN's packed weights have no storage pointer, and are never shared
+    tensors = {id(t) if t.is_mkldnn else t.data_ptr(): t
+               for t in [*model.parameters(), *model.buffers()] if t is not model.cos_sin}
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
