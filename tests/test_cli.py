@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from transformers import AutoTokenizer
 
 from test_greedy_vs_transformers import hf_greedy
@@ -155,24 +154,20 @@ def test_generate_with_documents_and_context_contrast_prints_the_offline_text(ll
     assert proc.returncode == 2 and "needs at least one --document" in proc.stderr
 
 
-def test_bench_compare_runs_each_server_in_turn_under_the_same_load(llama_dir, tmp_path):
+def test_bench_compare_starts_loads_and_stops_a_real_server(llama_dir, tmp_path):
+    """One server, to keep the suite short: the ranking across servers is checked by hand below."""
     serve = f"{sys.executable} -m counterpoint.serving serve --model {llama_dir} --port {{port}}"
     out = tmp_path / "compare.json"
-    proc = run("bench", "compare", "--server", f"first={serve}", "--server", f"second={serve} --max-num-seqs 1",
-               "--concurrency", "1", "2", "--rounds", "1", "--input-len", "8", "--output-len", "3",
-               "--max-token-id", "300", "--min-prompts", "2", "--prompts-per-slot", "1", "--log-dir", str(tmp_path),
-               "--json", str(out))
+    proc = run("bench", "compare", "--server", f"only={serve}", "--concurrency", "1", "2", "--rounds", "1",
+               "--input-len", "8", "--output-len", "3", "--max-token-id", "300", "--min-prompts", "2",
+               "--prompts-per-slot", "1", "--log-dir", str(tmp_path), "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert [(r["server"], r["concurrency"]) for r in result["runs"]] == [
-        ("first", 1), ("first", 2), ("second", 1), ("second", 2)]
-    assert all(r["num_requests"] == max(2, r["concurrency"]) and r["output_tok_s"] > 0 for r in result["runs"])
-    best = {(row["server"], row["concurrency"]): row["first_over_this"] for row in result["best"]}
-    tok_s = {(r["server"], r["concurrency"]): r["output_tok_s"] for r in result["runs"]}
-    for c in (1, 2):
-        assert best[("first", c)] == 1.0
-        assert best[("second", c)] == pytest.approx(tok_s[("first", c)] / tok_s[("second", c)])
-    assert (tmp_path / "first.log").is_file() and (tmp_path / "second.log").is_file()
+    assert [(r["server"], r["concurrency"], r["num_requests"]) for r in result["runs"]] == [("only", 1, 2),
+                                                                                            ("only", 2, 2)]
+    assert all(r["output_tok_s"] > 0 and r["ttft_ms"] > 0 for r in result["runs"])
+    assert [row["first_over_this"] for row in result["best"]] == [1.0, 1.0]
+    assert (tmp_path / "only.log").is_file()
 
 
 def test_bench_compare_keeps_each_servers_quietest_round():

@@ -24,7 +24,8 @@ def _reorder(weight: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def native_bfloat16() -> bool:
-    """Whether oneDNN has a bfloat16 linear on this CPU (AVX-512 bf16, AMX or AVX-NE-CONVERT)."""
+    """Whether oneDNN has a bfloat16 linear on this CPU (AVX-512 BW+VL+DQ or AVX-NE-CONVERT:
+    what its reorder asks for), tried once."""
     try:
         _reorder(torch.zeros(16, 16, dtype=torch.bfloat16))
     except RuntimeError:
