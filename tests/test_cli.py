@@ -5,7 +5,10 @@ import json
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoTokenizer
+
+from counterpoint.serving.cli import main
 
 from test_greedy_vs_transformers import hf_greedy
 
@@ -24,18 +27,26 @@ def test_generate_prints_the_greedy_completion(llama_dir):
     assert proc.stdout.rstrip("\n") == tok.decode(ref, skip_special_tokens=True)
 
 
-def test_bad_flags_exit_2_with_one_line(llama_dir):
-    for args in (["--temperature", "-1"], ["--top-p", "2"], ["--n", "0"], ["--dtype", "int3"]):
-        proc = run("generate", "--model", str(llama_dir), "--prompt", "hi", *args)
-        assert proc.returncode == 2
-        assert proc.stderr.strip().splitlines()[-1].startswith("counterpoint")
-        assert "usage: counterpoint generate" in proc.stderr  # the subcommand's usage, not the top level's
-    proc = run("generate", "--model", "/nonexistent/model", "--prompt", "hi")
-    assert proc.returncode == 2 and "config.json not found" in proc.stderr
-    proc = run("serve", "--model", f"a={llama_dir}", "--model", f"a={llama_dir}")
-    assert proc.returncode == 2 and "'a' is given twice" in proc.stderr.strip().splitlines()[-1]
-    proc = run("serve", "--kv-cache-memory", "-1")
-    assert proc.returncode == 2 and "--kv-cache-memory" in proc.stderr.strip().splitlines()[-1]
+def test_bad_flags_exit_2_with_one_line(llama_dir, capsys):
+    """One bad flag through the real command; the rest through its `main`, in this process (the
+    same parser and error path, without a second start-up of torch each)."""
+    proc = run("generate", "--model", str(llama_dir), "--prompt", "hi", "--temperature", "-1")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("counterpoint")
+    assert "usage: counterpoint generate" in proc.stderr  # the subcommand's usage, not the top level's
+    for args, expected in [
+        (["generate", "--model", str(llama_dir), "--prompt", "hi", "--top-p", "2"], "usage: counterpoint generate"),
+        (["generate", "--model", str(llama_dir), "--prompt", "hi", "--n", "0"], "usage: counterpoint generate"),
+        (["generate", "--model", str(llama_dir), "--prompt", "hi", "--dtype", "int3"], "usage: counterpoint generate"),
+        (["generate", "--model", "/nonexistent/model", "--prompt", "hi"], "config.json not found"),
+        (["serve", "--model", f"a={llama_dir}", "--model", f"a={llama_dir}"], "'a' is given twice"),
+        (["serve", "--kv-cache-memory", "-1"], "--kv-cache-memory"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2, args
+        assert stderr.strip().splitlines()[-1].startswith("counterpoint") and expected in stderr, (args, stderr)
 
 
 def test_serve_exits_2_when_a_model_cannot_be_loaded(tmp_path):
