@@ -1,5 +1,7 @@
 """The CPU's packed linear layers against torch's own F.linear, and the engine's choice of them."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,9 +37,18 @@ def test_bfloat16_matches_a_float32_product_rounded_to_bfloat16(rows):
     torch.testing.assert_close(out.double(), exact, rtol=2 ** -7, atol=1e-2)
 
 
-def test_compute_dtype_is_float32_or_bfloat16_and_only_on_the_cpu():
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return {flag for line in f if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the CPU flags from /proc/cpuinfo")
+def test_bfloat16_computes_natively_exactly_where_the_cpu_has_the_instructions():
+    """oneDNN's bfloat16 linear needs AVX-512 BW+VL+DQ or AVX-NE-CONVERT: read off the CPU's flags."""
+    flags = cpu_flags()
+    native = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert compute_dtype(torch.bfloat16) == (torch.bfloat16 if native else torch.float32)
     assert compute_dtype(torch.float32) == torch.float32
-    assert compute_dtype(torch.bfloat16) in (torch.bfloat16, torch.float32)
     assert compute_dtype(torch.bfloat16, torch.device("cuda")) == torch.bfloat16
 
 
