@@ -80,3 +80,23 @@ def make_eos_likely(model_dir: Path, out: Path, strength: float = 2.0) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
     return out
+
+
+def depart_after(model_dir: Path, out: Path, first: int, num_layers: int | None = None, seed: int = 0) -> Path:
+    """A copy of a checkpoint that keeps its first `first` layers bit for bit and perturbs every
+    later one and the final norm (as tuning the last layers would), cut to `num_layers` layers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if num_layers is not None:
+        model.model.layers = model.model.layers[:num_layers]
+        model.config.num_hidden_layers = num_layers
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers[first:]:
+            for param in layer.parameters():
+                param.add_(0.05 * torch.randn(param.shape, generator=generator))
+        model.model.norm.weight.add_(0.1 * torch.randn(model.model.norm.weight.shape, generator=generator))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out

@@ -35,16 +35,18 @@ class KVCache:
 
     NOTE: head-major, so one head's block is a contiguous (block_size, head_dim) tile: gathering a
     sequence's blocks yields (kv_heads, blocks·block_size, head_dim) ready for a matmul.
+    A tail runner's cache holds only layers first_layer.. (the layers before are another model's).
     """
 
-    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device):
-        shape = (num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim)
+    def __init__(self, num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, first_layer=0):
+        shape = (num_layers - first_layer, 2, num_kv_heads, num_blocks, block_size, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.first_layer = first_layer
 
     def layer(self, idx: int) -> torch.Tensor:
         """(2, kv_heads, num_blocks, block_size, head_dim): K and V of one layer."""
-        return self.data[idx]
+        return self.data[idx - self.first_layer]
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's contents to block dst, in every layer."""

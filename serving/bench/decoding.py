@@ -39,7 +39,7 @@ def _drive(engine, prompts, params, desc: str, no_contexts=None, in_flight: int 
             finished = sum(out.finished for out in engine.step())
             bar.update(finished)
             submit(finished)
-            used = sum(s.kv.pool.num_blocks - s.kv.pool.num_free_blocks for s in engine.slots.values())
+            used = sum(s.kv.pool.num_blocks - s.kv.pool.num_free_blocks for s in engine.all_slots.values())
             copy = sum(-(-seq.num_computed_tokens // bs) for r in engine.scheduler.running for seq in r.sequences())
             peak_used, peak_copy = max(peak_used, used), max(peak_copy, copy)
     return time.perf_counter() - start, peak_used, peak_copy

@@ -11,12 +11,13 @@ from counterpoint.decoding.processing import Row
 from counterpoint.serving.engine.admission import InvalidRequest, admit
 from counterpoint.serving.engine.config import EngineConfig
 from counterpoint.serving.engine.detokenizer import IncrementalDetokenizer
-from counterpoint.serving.engine.model_slot import ModelSlot, load_slot
+from counterpoint.serving.engine.model_slot import ModelSlot, load_slots, tail_slot
 from counterpoint.serving.engine.hypotheses import apply_beams, apply_sampled, ends_in_stop_string, finished_beam, free
 from counterpoint.serving.engine.output_builder import build_output, record_prompt_logprobs
-from counterpoint.serving.engine.request import Request
+from counterpoint.serving.engine.request import Request, Sequence
 from counterpoint.serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from counterpoint.serving.engine.outputs import RequestOutput
+from counterpoint.serving.engine.trunks import tail_name
 
 logger = logging.getLogger("counterpoint")
 
@@ -26,7 +27,8 @@ class Engine:
         torch.manual_seed(config.seed)
         self.config = config
         self.device = config.torch_device
-        self.slots: dict[str, ModelSlot] = {name: load_slot(name, path, config) for name, path in config.models}
+        self.slots, self.shared_layers = load_slots(config)
+        self.tails: dict[str, ModelSlot] = {}  # internal models: an amateur's layers past its expert's trunk
         self.default_model = next(iter(self.slots))
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.num_batched_tokens),
@@ -43,6 +45,11 @@ class Engine:
     @property
     def tokenizer(self):
         return self.main.tokenizer
+
+    @property
+    def all_slots(self) -> dict[str, ModelSlot]:
+        """The served models and the internal tails, each with its own KV pool."""
+        return {**self.slots, **self.tails}
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -66,7 +73,7 @@ class Engine:
             stream_prompts["no_context"] = slot.tokenizer.encode(no_context) if isinstance(no_context, str) \
                 else list(no_context)
         prompts = {stream: stream_prompts.get(stream, ids) for stream in streams}
-        max_tokens = admit(prompts, {s: self.slots[m] for s, m in streams.items()}, params, self.config)
+        max_tokens = admit(prompts, {s: self.all_slots[m] for s, m in streams.items()}, params, self.config)
         request = Request(request_id, text, ids, params, slot.eos_ids, max_tokens, streams,
                           stream_prompts=stream_prompts)
         if params.seed is not None:
@@ -94,7 +101,7 @@ class Engine:
         every block of every pool free (what a failed step must leave to go on serving)."""
         for request_id in list(self.requests):
             self.abort_request(request_id)
-        pools_full = all(s.kv.pool.num_free_blocks == s.kv.pool.num_blocks for s in self.slots.values())
+        pools_full = all(s.kv.pool.num_free_blocks == s.kv.pool.num_blocks for s in self.all_slots.values())
         return pools_full and not self.has_unfinished_requests()
 
     @staticmethod
@@ -125,7 +132,21 @@ class Engine:
         if not self.shares_vocab(slot.name, amateur):
             raise InvalidRequest(f"contrastive.amateur: {amateur!r} has a different tokenizer from {slot.name!r}; "
                                  "contrasted models must share the vocabulary", "contrastive.amateur")
+        if (slot.name, amateur) in self.shared_layers:
+            return {"main": slot.name, "amateur": self._tail(slot.name, amateur)}
         return {"main": slot.name, "amateur": amateur}
+
+    def _tail(self, expert: str, amateur: str) -> str:
+        """The internal model that runs `amateur` past the layers it shares with `expert` (made on
+        first use: it holds a KV pool)."""
+        name = tail_name(expert, amateur)
+        if name not in self.tails:
+            k = self.shared_layers[expert, amateur]
+            self.tails[name] = tail_slot(name, self.slots[amateur], k, self.config)
+            self.scheduler.kv[name] = self.tails[name].kv
+            self.scheduler.lockstep.add(name)
+            logger.info(f"contrastive decoding of {expert} against {amateur} runs their {k} shared layers once")
+        return name
 
     def shares_vocab(self, a: str, b: str) -> bool:
         """Can models a and b be contrasted: identical vocabularies (table padding may differ)."""
@@ -158,17 +179,32 @@ class Engine:
         return outputs
 
     def _run_models(self, sched: SchedulerOutput) -> dict[int, torch.Tensor]:
-        """Logits rows keyed by seq_id; advances each sequence's computed tokens."""
-        logits = {}
-        for name, slot in self.slots.items():
+        """Logits rows keyed by seq_id; advances each sequence's computed tokens. The served
+        models run first: they capture the trunks the tails go on from."""
+        logits, trunks = {}, {}
+        mains, capture = self._trunk_plan(sched)
+        for name, slot in self.all_slots.items():
             items = [s for s in sched.scheduled if s.seq.model == name]
             if not items:
                 continue
-            rows = slot.runner.execute(items, sched.block_copies.get(name, []))
+            given = [trunks[mains[s.seq.seq_id].seq_id] for s in items] if name in self.tails else None
+            rows, captured = slot.runner.execute(items, sched.block_copies.get(name, []), given, capture.get(name))
+            trunks.update(captured)
             for item, row in zip(items, rows):
                 item.seq.num_computed_tokens += item.num_new_tokens
                 logits[item.seq.seq_id] = row
         return logits
+
+    def _trunk_plan(self, sched: SchedulerOutput) -> tuple[dict[int, Sequence], dict[str, dict[int, int]]]:
+        """The main sequence of each scheduled tail sequence (by seq_id), and per served model the
+        trunks its step must capture: {main seq_id: layers}."""
+        mains, capture = {}, {}
+        for item in sched.scheduled:
+            if item.seq.model in self.tails:
+                hyp = next(h for h in item.request.hypotheses if h.seqs.get("amateur") is item.seq)
+                main = mains[item.seq.seq_id] = hyp.seqs["main"]
+                capture.setdefault(main.model, {})[main.seq_id] = self.tails[item.seq.model].runner.first_layer
+        return mains, capture
 
     def _decode(self, ready: list[Request], logits: dict[int, torch.Tensor]) -> None:
         for request in [r for r in ready if r.max_tokens == 0]:
@@ -213,7 +249,7 @@ class Engine:
         return self.slots[request.model].tokenizer
 
     def _max_model_len(self, request: Request) -> int:
-        return min(self.slots[m].max_model_len for m in request.streams.values())
+        return min(self.all_slots[m].max_model_len for m in request.streams.values())
 
     def _finish_all(self, request: Request, reason: str) -> None:
         for hyp in request.hypotheses:

@@ -29,6 +29,14 @@ class KVManager:
         seq.num_computed_tokens = len(seq.block_table) * bs
         return seq.num_computed_tokens
 
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back the matched blocks past num_tokens (a multiple of the block size)."""
+        keep = num_tokens // self.block_size
+        for block in reversed(seq.block_table[keep:]):
+            self.pool.decref(block)
+        del seq.block_table[keep:], seq.block_hashes[keep:]
+        seq.num_computed_tokens = num_tokens
+
     def num_blocks_needed(self, seq: Sequence, num_new_tokens: int) -> int:
         target = seq.num_computed_tokens + num_new_tokens
         grow = max(0, -(-target // self.block_size) - len(seq.block_table))

@@ -9,11 +9,19 @@ from counterpoint.serving.models.llama import LlamaForCausalLM
 from counterpoint.serving.engine.scheduler import ScheduledSeq
 
 
+Trunk = tuple[torch.Tensor, torch.Tensor]  # (x, residual) rows of a sequence's new tokens after some layers
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: KVCache, backend: str, device: torch.device):
+    """Runs `model` from layer `first_layer` on: a tail runner (first_layer > 0) goes on from the
+    trunk another model's runner computed and captured for the same tokens (see engine/trunks.py)."""
+
+    def __init__(self, model: LlamaForCausalLM, cache: KVCache, backend: str, device: torch.device,
+                 first_layer: int = 0):
         self.model = model
         self.cache = cache
         self.device = device
+        self.first_layer = first_layer
         self.backend = create_backend(backend, scale=model.shape.head_dim**-0.5)
         self.graphs: DecodeGraphs | None = None
 
@@ -27,14 +35,18 @@ class ModelRunner:
                                    show_progress)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """Returns, per scheduled sequence in input order, (len(logit_positions), vocab) logits."""
+    def execute(self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]],
+                trunks: list[Trunk] | None = None, capture: dict[int, int] | None = None):
+        """Returns, per scheduled sequence in input order, (len(logit_positions), vocab) logits, and
+        the trunks `capture` asks for: {seq_id: layers} -> {seq_id: Trunk after that many layers}.
+        A tail runner takes `trunks`, one per scheduled sequence."""
         self.cache.copy_blocks(copies)
         # Decodes first: the attention backend batches them together.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
         batch = [scheduled[i] for i in order]
         ids, positions, slots, logit_rows = self._flatten(batch)
-        hidden = self._forward(batch, ids, positions, slots)  # (T, hidden)
+        trunk = [trunks[i] for i in order] if trunks is not None else None
+        hidden, captured = self._forward(batch, ids, positions, slots, trunk, set((capture or {}).values()))
         flat_rows = [row for rows in logit_rows for row in rows]
         if flat_rows != list(range(hidden.shape[0])):  # NOTE: a step of decodes alone needs every row, in order
             hidden = hidden[torch.tensor(flat_rows, dtype=torch.long, device=self.device)]
@@ -43,18 +55,35 @@ class ModelRunner:
         for i, rows in zip(order, logit_rows):
             per_seq[i] = logits[start : start + len(rows)]
             start += len(rows)
-        return per_seq
+        return per_seq, self._trunks(batch, captured, capture or {})
 
-    def _forward(self, batch: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int]):
-        if self.graphs is not None and all(item.num_new_tokens == 1 for item in batch):
+    def _forward(self, batch: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
+                 trunk: list[Trunk] | None, capture: set[int]):
+        if self.graphs is not None and not capture and all(item.num_new_tokens == 1 for item in batch):
             tables = [item.seq.block_table for item in batch]
             context_lens = [item.seq.num_computed_tokens + 1 for item in batch]
             if self.graphs.fits(len(batch), max(context_lens), max(map(len, tables))):
-                return self.graphs.run(ids, positions, slots, tables, context_lens)
+                return self.graphs.run(ids, positions, slots, tables, context_lens), {}
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)  # noqa: E731
         slot_mapping = as_tensor(slots)
         self.backend.prepare(self._metadata(batch, slot_mapping), self.cache)
-        return self.model(as_tensor(ids), as_tensor(positions), self.backend)
+        if trunk is None:
+            x, residual = self.model.embed_tokens(as_tensor(ids)), None
+        else:
+            x, residual = (torch.cat(parts) for parts in zip(*trunk))
+        return self.model.run_layers(x, residual, as_tensor(positions), self.backend, self.first_layer,
+                                     frozenset(capture))
+
+    @staticmethod
+    def _trunks(batch: list[ScheduledSeq], captured: dict[int, Trunk], capture: dict[int, int]) -> dict[int, Trunk]:
+        out, start = {}, 0
+        for item in batch:
+            end = start + item.num_new_tokens
+            if item.seq.seq_id in capture:
+                x, residual = captured[capture[item.seq.seq_id]]
+                out[item.seq.seq_id] = (x[start:end], residual[start:end])
+            start = end
+        return out
 
     def _flatten(self, batch: list[ScheduledSeq]):
         """Host lists: token ids, positions and cache slots of every new token, and each

@@ -1,5 +1,6 @@
 """A loaded model under a served name, with its tokenizer, KV block pool and runner."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from counterpoint.serving.engine.config import EngineConfig
 from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
 from counterpoint.serving.engine.kv_manager import KVManager
 from counterpoint.serving.engine.model_runner import ModelRunner
+from counterpoint.serving.engine.trunks import tie_trunks
 from counterpoint.serving.models.cpu_linear import pack_linears, packing_available
 from counterpoint.serving.models.gguf_file import config_dir
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
@@ -50,17 +52,31 @@ class ModelSlot:
         return self.grammar_compiler.compile(structured)
 
 
-def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
-    path = Path(path)
-    device = config.torch_device
+def load_slots(config: EngineConfig) -> tuple[dict[str, ModelSlot], dict[tuple[str, str], int]]:
+    """Every model of the config under its served name, and the layers each ordered pair shares
+    (see trunks.py): tied before the runners pack or capture them."""
+    loaded = {name: _load(Path(path), config) for name, path in config.models}
+    shared = tie_trunks({name: loaded_model[0] for name, loaded_model in loaded.items()})
+    slots = {name: _slot(name, *loaded_model, config) for name, loaded_model in loaded.items()}
+    return slots, shared
+
+
+def _load(path: Path, config: EngineConfig) -> tuple[LlamaForCausalLM, torch.dtype, Path, object]:
     hf_config = read_hf_config(path)
-    dtype = resolve_dtype(config.dtype, hf_config, device)
+    dtype = resolve_dtype(config.dtype, hf_config, config.torch_device)
     max_model_len = _max_model_len(LlamaShape.from_hf(hf_config), config)
-    model = load_model(path, dtype, device, max_model_len, show_progress=config.show_progress,
+    model = load_model(path, dtype, config.torch_device, max_model_len, show_progress=config.show_progress,
                        quantization=config.quantization, triton=config.resolved_attention_backend == "triton")
+    return model, dtype, path, hf_config
+
+
+def _slot(name: str, model: LlamaForCausalLM, dtype: torch.dtype, path: Path, hf_config,
+          config: EngineConfig) -> ModelSlot:
+    max_model_len = _max_model_len(model.shape, config)
     num_blocks, reason = _num_blocks(model, dtype, config, max_model_len)
     s = model.shape
-    cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype, device)
+    cache = KVCache(s.num_layers, num_blocks, config.block_size, s.num_kv_heads, s.head_dim, dtype,
+                    config.torch_device)
     pool = BlockPool(num_blocks, config.block_size, config.enable_prefix_caching)
     tokenizer = AutoTokenizer.from_pretrained(config_dir(path))
     max_model_len = min(max_model_len, num_blocks * config.block_size)
@@ -74,6 +90,17 @@ def load_slot(name: str, path: str | Path, config: EngineConfig) -> ModelSlot:
     return slot
 
 
+def tail_slot(name: str, amateur: ModelSlot, first_layer: int, config: EngineConfig) -> ModelSlot:
+    """`amateur`'s layers first_layer.. as an internal model: a KV pool as large as the
+    amateur's, over those layers alone, and a runner that goes on from another model's trunk."""
+    pool, s, dtype = amateur.kv.pool, amateur.model.shape, amateur.runner.cache.data.dtype
+    cache = KVCache(s.num_layers, pool.num_blocks, pool.block_size, s.num_kv_heads, s.head_dim, dtype,
+                    config.torch_device, first_layer=first_layer)
+    runner = ModelRunner(amateur.model, cache, config.resolved_attention_backend, config.torch_device, first_layer)
+    tail_pool = BlockPool(pool.num_blocks, pool.block_size, config.enable_prefix_caching)
+    return dataclasses.replace(amateur, name=name, kv=KVManager(tail_pool), runner=runner, grammar_compiler=None)
+
+
 def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineConfig,
             max_model_len: int) -> ModelRunner:
     backend = config.resolved_attention_backend
@@ -82,7 +109,7 @@ def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineCo
     if config.batch_invariant:
         model.make_batch_invariant()
     elif config.torch_device.type == "cpu" and packing_available():
-        pack_linears(model)
+        pack_linears(model)  # NOTE: layers tied to an earlier model's are packed already, and skipped
     runner = ModelRunner(model, cache, backend, config.torch_device)
     if config.uses_cuda_graphs:
         sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)

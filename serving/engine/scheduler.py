@@ -49,6 +49,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.preemptions: Counter[str] = Counter()  # per model of the preempted request
+        # Models whose sequences move in lockstep with their hypothesis's main sequence (tails of
+        # a shared trunk: they go on from the rows the main sequence computes in the same step).
+        self.lockstep: set[str] = set()
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -93,6 +96,7 @@ class Scheduler:
             if request.params.prompt_logprobs is None:
                 for seq in seqs:
                     self.kv[seq.model].match_prefix(seq)
+                self._align_lockstep(request)
             plan = self._plan(request, budget)
             if plan is None or not self._can_allocate(plan):
                 for seq in seqs:
@@ -117,12 +121,28 @@ class Scheduler:
         if sum(remaining) <= budget:
             return dict(zip(seqs, remaining))
         plan = {}
-        for seq, rem in zip(seqs, remaining):
-            take = min(rem - 1, budget)
-            if take > 0:
-                plan[seq] = take
-                budget -= take
+        for hyp in request.hypotheses:
+            main = hyp.seqs["main"]
+            followers = sum(seq.model in self.lockstep for seq in hyp.seqs.values())
+            for seq in hyp.seqs.values():
+                if seq.model in self.lockstep:
+                    take = plan.get(main, 0)
+                else:
+                    take = min(seq.num_remaining - 1, budget // (1 + followers) if seq is main else budget)
+                if take > 0:
+                    plan[seq] = take
+                    budget -= take
         return plan or None
+
+    def _align_lockstep(self, request: Request) -> None:
+        """A lockstep sequence and its main sequence keep the cache hits both have."""
+        for hyp in request.hypotheses:
+            main = hyp.seqs["main"]
+            for seq in hyp.seqs.values():
+                if seq.model in self.lockstep and seq.num_computed_tokens != main.num_computed_tokens:
+                    common = min(seq.num_computed_tokens, main.num_computed_tokens)
+                    self.kv[seq.model].truncate(seq, common)
+                    self.kv[main.model].truncate(main, common)
 
     def _can_allocate(self, plan: dict[Sequence, int]) -> bool:
         need: dict[str, int] = {}

@@ -165,13 +165,24 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx) -> torch.Tensor:
         """(T,) ids and positions -> (T, hidden) final hidden states."""
-        x = self.embed_tokens(input_ids)
+        hidden, _ = self.run_layers(self.embed_tokens(input_ids), None, positions, ctx)
+        return hidden
+
+    def run_layers(self, x: torch.Tensor, residual: torch.Tensor | None, positions: torch.Tensor, ctx,
+                   first: int = 0, capture: frozenset[int] = frozenset()):
+        """Layers `first`.. over the residual stream (x, residual), then the final norm.
+
+        Returns the (T, hidden) final hidden states and, for each k in `capture`, the stream
+        (x, residual) after the first k layers: the trunk a model sharing those layers goes on from.
+        """
         rope = Rotary(positions, self.cos_sin, x.dtype, self.triton_rotary)
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(x, residual, rope, ctx)
+        captured = {}
+        for idx in range(first, len(self.layers)):
+            x, residual = self.layers[idx](x, residual, rope, ctx)
+            if idx + 1 in capture:  # NOTE: cloned, as the fused GPU norm updates its inputs in place
+                captured[idx + 1] = (x.clone(), residual.clone())
         x, _ = self.norm(x, residual)
-        return x
+        return x, captured
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32 logits."""
