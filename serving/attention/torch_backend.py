@@ -37,8 +37,10 @@ class TorchAttention(AttentionBackend):
     def attend(self, layer_idx, q, k, v):
         kv_cache = self.cache.layer(layer_idx)  # (2, Hkv, NB, bs, D)
         write_kv(kv_cache, self.store_blocks, self.store_offsets, k, v)
-        out = torch.empty_like(q)
         n = self.meta.num_decodes
+        if n == q.shape[0]:
+            return self._decode(q, kv_cache)
+        out = torch.empty_like(q)
         if n:
             out[:n] = self._decode(q[:n], kv_cache)
         start = n

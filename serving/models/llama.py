@@ -14,10 +14,9 @@ from counterpoint.serving.models.shape import LlamaShape
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # NOTE: same rounding points as HF: normalise in float32, cast back, then scale.
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(x.dtype)
+    # NOTE: same rounding points as HF: normalise in float32, cast back, then scale. F.rms_norm
+    # without a weight is HF's float32 normalisation bit for bit, in one call instead of five.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -47,7 +46,7 @@ class Rotary:
         self.positions, self.cos_sin, self.use_kernel = positions, cos_sin, use_kernel
         if not use_kernel:
             cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, D/2) each
-            self.cos, self.sin = cos.to(dtype), sin.to(dtype)
+            self.cos, self.sin = torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, H, D) -> rotated (in place with the kernel)."""
@@ -86,13 +85,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: "Rotary", ctx) -> torch.Tensor:
         s = self.shape
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, s.num_heads, s.head_dim)  # (T, Hq, D)
-        k = k.view(-1, s.num_kv_heads, s.head_dim)  # (T, Hkv, D)
-        v = v.view(-1, s.num_kv_heads, s.head_dim)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        v = v.view(-1, s.num_kv_heads, s.head_dim)  # (T, Hkv, D)
         if s.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope.apply(q), rope.apply(k)
+            q = rope.apply(self.q_norm(q.view(-1, s.num_heads, s.head_dim)))  # (T, Hq, D)
+            k = rope.apply(self.k_norm(k.view(-1, s.num_kv_heads, s.head_dim)))
+        else:  # NOTE: queries and keys rotate in one call: each op costs more than its arithmetic here
+            qk = qkv[:, : self.q_size + self.kv_size].view(-1, s.num_heads + s.num_kv_heads, s.head_dim)
+            q, k = rope.apply(qk).split([s.num_heads, s.num_kv_heads], dim=1)
         out = ctx.attend(self.layer_idx, q, k, v)  # (T, Hq, D)
         return self.o_proj(out.reshape(-1, self.q_size))
 

@@ -42,7 +42,6 @@ def cos_sin_cache(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary on x (T, H, D) with cos/sin (T, 1, D/2), as in the HF Llama code."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    """Rotate-half rotary on x (T, H, D), as in the HF Llama code, bit for bit: cos (T, 1, D) holds
+    [cos, cos] and sin (T, 1, D) holds [-sin, sin], so rotate_half(x)·sin is roll(x)·sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
