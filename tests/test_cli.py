@@ -188,3 +188,17 @@ def test_bench_compare_keeps_each_servers_quietest_round():
             for r, s, v in [(0, "a", 10.0), (0, "b", 8.0), (1, "a", 12.0), (1, "b", 6.0)]]
     table = best_rounds(runs, ["a", "b"], [1])
     assert [(row["server"], row["round"], row["first_over_this"]) for row in table] == [("a", 1, 1.0), ("b", 0, 1.5)]
+
+
+def test_bench_compare_writes_strict_json_for_beam_search(capsys):
+    """Beam search answers in one response, so there is no inter-token latency: the row says so
+    with null (strict JSON) and the table with a dash."""
+    from counterpoint.serving.bench.compare import _figures, print_table
+    from counterpoint.serving.bench.serve import RequestResult, summarize
+
+    summary = summarize([RequestResult(ok=True, ttft=2.0, latency=2.0, output_tokens=12)], elapsed=4.0)
+    row = dict(concurrency=1, server="beams", first_over_this=1.0, **_figures(summary))
+    assert row["itl_ms"] is None and row["output_tok_s"] == 3.0 and row["ttft_ms"] == 2000.0
+    json.dumps(row, allow_nan=False)
+    print_table([row])
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["1", "beams", "3.0", "2000", "-", "1.00"]

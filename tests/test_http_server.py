@@ -402,6 +402,24 @@ def test_bench_serve_sends_prompts_of_exactly_input_len_tokens(server):
                       - before.get(("counterpoint:prompt_tokens_total", label), 0) == 3 * 13)
 
 
+def test_bench_serve_beam_search_counts_every_beam(server):
+    """Beam search as vLLM serves it (one response, n beams): each of 2 requests returns 3 beams of
+    4 tokens (EOS ignored), as the server's own generation-token counter also says."""
+    from argparse import Namespace
+
+    from counterpoint.serving.bench.serve import serve_benchmark
+
+    label = (("model_name", MODEL),)
+    before = scrape(server).get(("counterpoint:generation_tokens_total", label), 0)
+    args = Namespace(base_url=server.url, model=MODEL, api_key=None, num_prompts=2, dataset=None, input_len=6,
+                     max_token_id=300, output_len=4, request_rate=None, max_concurrency=2, seed=0, plot=None, json=None,
+                     beam_width=3)
+    summary = serve_benchmark(args)
+    assert summary["num_failed"] == 0 and summary["itl_s"] == {}
+    assert round(summary["output_token_throughput"] * summary["duration_s"]) == 2 * 3 * 4
+    assert wait_until(lambda: scrape(server)[("counterpoint:generation_tokens_total", label)] - before == 2 * 3 * 4)
+
+
 def test_health_is_503_while_loading(llama_dir):
     import threading as th
 

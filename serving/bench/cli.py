@@ -41,6 +41,8 @@ def add_bench_parser(sub) -> None:
     srv.add_argument("--max-token-id", type=positive_int, default=9999,
                      help="--input-len prompts draw ids from a tenth of this up to it (keep it below the vocabulary)")
     srv.add_argument("--output-len", type=positive_int, default=128, help="output tokens per request (EOS ignored)")
+    srv.add_argument("--beam-width", type=positive_int, default=None,
+                     help="beam search of this width instead of greedy (one response per request, all beams counted)")
     load = srv.add_mutually_exclusive_group()
     load.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     load.add_argument("--max-concurrency", type=positive_int, default=None, help="requests in flight at most")
@@ -111,6 +113,8 @@ def _compare_bench_parser(bench) -> None:
     c.add_argument("--rounds", type=positive_int, default=2, help="times every server runs, interleaved")
     c.add_argument("--input-len", type=positive_int, default=128, help="prompt length in token ids")
     c.add_argument("--output-len", type=positive_int, default=128, help="output tokens per request (EOS ignored)")
+    c.add_argument("--beam-width", type=positive_int, default=None,
+                   help="beam search of this width instead of greedy (one response per request, all beams counted)")
     c.add_argument("--max-token-id", type=positive_int, default=9999,
                    help="prompts draw ids from a tenth of this up to it (keep it below the vocabulary)")
     c.add_argument("--prompts-per-slot", type=positive_int, default=2, help="requests per unit of concurrency")

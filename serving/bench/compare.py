@@ -72,7 +72,7 @@ def load(server: Server, args, concurrency: int) -> dict:
     load_args = SimpleNamespace(base_url=server.url, model=server.model, api_key=None, dataset=None,
                                 input_len=args.input_len, max_token_id=args.max_token_id,
                                 output_len=args.output_len, request_rate=None,
-                                max_concurrency=concurrency, seed=args.seed,
+                                max_concurrency=concurrency, seed=args.seed, beam_width=args.beam_width,
                                 num_prompts=max(args.min_prompts, args.prompts_per_slot * concurrency))
     summary = summarize(*asyncio.run(run_load(load_args)))
     if summary["num_failed"]:
@@ -95,13 +95,14 @@ def compare(args) -> dict:
                 server.stop()
     table = best_rounds(runs, [name for name, _ in args.server], args.concurrency)
     print_table(table)
-    return dict(benchmark="compare", input_len=args.input_len, output_len=args.output_len,
+    return dict(benchmark="compare", input_len=args.input_len, output_len=args.output_len, beam_width=args.beam_width,
                 servers=dict(args.server), runs=runs, best=table)
 
 
 def _figures(summary: dict) -> dict:
+    itl = summary["itl_s"].get("mean")  # NOTE: none in beam search's single responses
     return dict(output_tok_s=summary["output_token_throughput"], ttft_ms=1000 * summary["ttft_s"]["mean"],
-                itl_ms=1000 * summary["itl_s"]["mean"], num_requests=summary["num_requests"])
+                itl_ms=None if itl is None else 1000 * itl, num_requests=summary["num_requests"])
 
 
 def best_rounds(runs: list[dict], names: list[str], concurrencies: list[int]) -> list[dict]:
@@ -120,5 +121,6 @@ def best_rounds(runs: list[dict], names: list[str], concurrencies: list[int]) ->
 def print_table(table: list[dict]) -> None:
     print(f"{'concurrency':>11} {'server':<16}{'tok/s':>9}{'TTFT ms':>10}{'ITL ms':>9}{'first/this':>11}")
     for row in table:
+        itl = "-" if row["itl_ms"] is None else f"{row['itl_ms']:.1f}"
         print(f"{row['concurrency']:>11} {row['server']:<16}{row['output_tok_s']:>9.1f}{row['ttft_ms']:>10.0f}"
-              f"{row['itl_ms']:>9.1f}{row['first_over_this']:>11.2f}")
+              f"{itl:>9}{row['first_over_this']:>11.2f}")

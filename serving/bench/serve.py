@@ -40,9 +40,21 @@ def load_prompts(path: str | None, num: int, seed: int, input_len: int | None = 
     return [prompts[rng.randrange(len(prompts))] for _ in range(num)]
 
 
-async def one_request(client: httpx.AsyncClient, args, prompt: str | list[int]) -> RequestResult:
+def request_body(args, prompt: str | list[int]) -> dict:
+    """Greedy, EOS ignored, streamed; with `beam_width`, beam search of that width in one response
+    (vLLM does not stream beams), all beams returned."""
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.output_len, "temperature": 0.0,
             "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    if getattr(args, "beam_width", None):
+        del body["stream_options"]
+        body.update(stream=False, use_beam_search=True, n=args.beam_width)
+    return body
+
+
+async def one_request(client: httpx.AsyncClient, args, prompt: str | list[int]) -> RequestResult:
+    body = request_body(args, prompt)
+    if not body["stream"]:
+        return await _one_response(client, body)
     start = last = time.perf_counter()
     result = RequestResult(ok=False)
     try:
@@ -66,6 +78,20 @@ async def one_request(client: httpx.AsyncClient, args, prompt: str | list[int]) 
     except httpx.HTTPError as err:
         result.error = repr(err)
     return result
+
+
+async def _one_response(client: httpx.AsyncClient, body: dict) -> RequestResult:
+    """A request answered in one piece: its first token arrives with its last."""
+    start = time.perf_counter()
+    try:
+        resp = await client.post("/v1/completions", json=body)
+    except httpx.HTTPError as err:
+        return RequestResult(ok=False, error=repr(err))
+    if resp.status_code != 200:
+        return RequestResult(ok=False, error=f"HTTP {resp.status_code}: {resp.content[:200]!r}")
+    latency = time.perf_counter() - start
+    tokens = resp.json()["usage"]["completion_tokens"]
+    return RequestResult(ok=True, ttft=latency, latency=latency, output_tokens=tokens)
 
 
 async def run_load(args) -> tuple[list[RequestResult], float]:
