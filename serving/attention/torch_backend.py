@@ -1,9 +1,11 @@
-"""The CPU attention path in plain torch: decodes batched over a gathered, padded tile;
-prefill chunks one sequence at a time through scaled_dot_product_attention."""
+"""The CPU attention path: decodes batched, through the paged-decode kernel (cpu_kernel.py) or, without
+it, in plain torch over a gathered, padded tile; prefill chunks one sequence at a time through
+scaled_dot_product_attention."""
 
 import torch
 import torch.nn.functional as F
 
+from counterpoint.serving.attention import cpu_kernel
 from counterpoint.serving.attention.base import AttentionBackend, AttentionMetadata, KVCache, register_backend, write_kv
 from counterpoint.serving.models.cpu_linear import compute_dtype
 
@@ -21,8 +23,10 @@ class TorchAttention(AttentionBackend):
         bs, n = meta.block_size, meta.num_decodes
         self.store_blocks = meta.slot_mapping // bs
         self.store_offsets = meta.slot_mapping % bs
-        self.decode_tables = self.decode_bias = None
-        if n:
+        self.decode_tables = self.decode_bias = self.paged = None
+        if n and cpu_kernel.supports(cache.data):
+            self.paged = cpu_kernel.PagedDecode(meta.block_tables[:n], meta.context_lens[:n], self.scale)
+        elif n:
             num_blocks = -(-max(meta.context_lens[:n]) // bs)
             self.decode_tables = meta.block_tables[:n, :num_blocks].reshape(-1)  # (Bd·nblk,)
             lens = torch.tensor(meta.context_lens[:n], device=meta.block_tables.device)
@@ -52,6 +56,8 @@ class TorchAttention(AttentionBackend):
         return out
 
     def _decode(self, q, kv_cache):
+        if self.paged is not None:
+            return self.paged.attend(q, kv_cache).to(q.dtype)
         num_seqs, num_heads, head_dim = q.shape
         num_kv_heads = kv_cache.shape[1]
         gathered = kv_cache.index_select(2, self.decode_tables)  # (2, Hkv, Bd·nblk, bs, D)

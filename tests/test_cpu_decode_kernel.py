@@ -1,0 +1,81 @@
+"""The CPU decode-attention kernel (serving/attention/paged_decode.c) against the torch reference
+(kernels/reference.py), inside the torch backend against its own gather path, and its fallback
+when it cannot be built."""
+
+import logging
+
+import pytest
+import torch
+
+from counterpoint.decoding import SamplingParams
+from counterpoint.kernels import reference as ref
+from counterpoint.serving import LLM
+from counterpoint.serving.attention import cpu_kernel
+from counterpoint.serving.attention.base import AttentionMetadata, KVCache
+from counterpoint.serving.attention.torch_backend import TorchAttention
+from test_kernels import scattered_cache
+
+needs_kernel = pytest.mark.skipif(cpu_kernel.library() is None, reason="no C compiler here")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,lengths", [
+    (9, 3, 64, 16, [1, 17, 40, 16]),  # GQA 3 (SmolLM2), partial and exactly full last blocks
+    (4, 4, 32, 8, [33]),  # no GQA, a head size outside the specialised ones, one sequence
+    (8, 1, 128, 16, [5, 70, 129]),  # GQA 8, head size 128
+    (8, 2, 80, 4, [300, 2]),  # head size 80, tiny blocks, long and short together
+])
+def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, block_size, lengths):
+    cache, tables = (t.cpu() for t in scattered_cache(lengths, num_kv_heads, head_dim, block_size, dtype))
+    # NOTE: q as the model hands it over: a strided view of a wider (T, heads + kv_heads, D) tensor
+    qk = torch.randn(len(lengths), num_heads + num_kv_heads, head_dim).to(dtype)
+    q = qk[:, :num_heads]
+    scale = head_dim**-0.5
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    expected = ref.paged_decode(q.float(), cache.float(), tables, lens, scale)
+    got = cpu_kernel.PagedDecode(tables.long(), lengths, scale).attend(q, cache)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@needs_kernel
+def test_backend_kernel_agrees_with_its_gather_path(monkeypatch):
+    """A step of three decodes and a prefill chunk: the same layer through the kernel and through
+    the gathered torch path."""
+    num_heads, num_kv_heads, head_dim, bs = 6, 2, 64, 8
+    cache = KVCache(1, 40, bs, num_kv_heads, head_dim, torch.float32, torch.device("cpu"))
+    cache.data.normal_()
+    tables = torch.tensor([[3, 9, 0, 0], [12, 4, 30, 7], [20, 0, 0, 0], [33, 34, 0, 0]])
+    context = [11, 29, 8, 13]  # the last one is a prefill of 5 new tokens after 8 cached
+    query = [1, 1, 1, 5]
+    slots = [9 * bs + 2, 7 * bs + 4, 20 * bs + 7] + [34 * bs + i for i in range(5)]  # by each table
+    meta = AttentionMetadata(torch.tensor(slots), tables, query, context, 3, bs)
+    q, k, v = (torch.randn(8, h, head_dim) for h in (num_heads, num_kv_heads, num_kv_heads))
+
+    def run(with_kernel: bool) -> torch.Tensor:
+        monkeypatch.setattr(cpu_kernel, "supports", lambda data: with_kernel)
+        backend = TorchAttention(head_dim**-0.5)
+        backend.prepare(meta, cache)
+        return backend.attend(0, q, k, v)
+
+    torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, tmp_path, monkeypatch, caplog):
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompts = [[5, 17, 33, 100, 7], list(range(40, 70))]
+    with_kernel = LLM(str(llama_dir), show_progress=False).generate(prompts, params, use_tqdm=False)
+    monkeypatch.setenv("COUNTERPOINT_CACHE", str(tmp_path))  # NOTE: nothing built yet here
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    cpu_kernel.library.cache_clear()
+    logging.getLogger("counterpoint").addHandler(caplog.handler)  # NOTE: serve's set-up stops propagation
+    try:
+        assert cpu_kernel.library() is None
+        assert "could not build the CPU decode-attention kernel" in caplog.text
+        without = LLM(str(llama_dir), show_progress=False).generate(prompts, params, use_tqdm=False)
+    finally:
+        logging.getLogger("counterpoint").removeHandler(caplog.handler)
+        cpu_kernel.library.cache_clear()
+    assert [o.outputs[0].token_ids for o in without] == [o.outputs[0].token_ids for o in with_kernel]
