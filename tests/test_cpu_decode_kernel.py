@@ -41,7 +41,7 @@ def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, bloc
 
 
 @needs_kernel
-def test_backend_kernel_agrees_with_its_gather_path(monkeypatch):
+def test_backend_kernel_agrees_with_its_gather_path():
     """A step of three decodes and a prefill chunk: the same layer through the kernel and through
     the gathered torch path."""
     num_heads, num_kv_heads, head_dim, bs = 6, 2, 64, 8
@@ -55,9 +55,10 @@ def test_backend_kernel_agrees_with_its_gather_path(monkeypatch):
     q, k, v = (torch.randn(8, h, head_dim) for h in (num_heads, num_kv_heads, num_kv_heads))
 
     def run(with_kernel: bool) -> torch.Tensor:
-        monkeypatch.setattr(cpu_kernel, "supports", lambda data: with_kernel)
         backend = TorchAttention(head_dim**-0.5)
+        backend.use_kernel = with_kernel
         backend.prepare(meta, cache)
+        assert (backend.paged is not None) == with_kernel
         return backend.attend(0, q, k, v)
 
     torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-5)
@@ -79,3 +80,21 @@ def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, t
         logging.getLogger("counterpoint").removeHandler(caplog.handler)
         cpu_kernel.library.cache_clear()
     assert [o.outputs[0].token_ids for o in without] == [o.outputs[0].token_ids for o in with_kernel]
+
+
+def test_bench_kernels_measures_the_cpu_path():
+    """`bench kernels --device cpu`: the C kernel against the gather path, and decode steps against
+    transformers (a smoke run at toy size; its figures mean nothing here)."""
+    from argparse import Namespace
+
+    from counterpoint.serving.bench.kernels import kernels
+
+    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    args = Namespace(device="cpu", allow_cpu=False, dtype="bfloat16", peak_gbs=40.0, attention_shapes=[(3, 40)],
+                     heads=4, kv_heads=2, head_dim=64, batch_sizes=[2], input_len=8, steps=2, iters=1, shape=tiny)
+    result = kernels(args)
+    assert result["path"] == "cpu"
+    row = result["attention"][0]
+    assert row["cpu_kernel_us"] > 0 and row["torch_us"] > 0 and row["vs_torch"] > 0
+    assert [r["batch"] for r in result["decode"]] == [2] and result["decode"][0]["counterpoint_ms"] > 0

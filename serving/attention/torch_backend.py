@@ -12,10 +12,13 @@ from counterpoint.serving.models.cpu_linear import compute_dtype
 
 @register_backend("torch")
 class TorchAttention(AttentionBackend):
-    """CPU path: decodes batched with a padding bias, prefill chunks one sequence at a time."""
+    """CPU path: decodes batched (the C kernel, or a gathered tile with a padding bias), prefill
+    chunks one sequence at a time."""
 
     def __init__(self, scale: float):
         self.scale = scale
+        self.use_kernel = True  # False: the gather path even where the kernel is built (its baseline)
+        cpu_kernel.library()  # NOTE: built (or found wanting) as the model loads, not on the first request
 
     def prepare(self, meta: AttentionMetadata, cache: KVCache) -> None:
         self.meta, self.cache = meta, cache
@@ -24,7 +27,7 @@ class TorchAttention(AttentionBackend):
         self.store_blocks = meta.slot_mapping // bs
         self.store_offsets = meta.slot_mapping % bs
         self.decode_tables = self.decode_bias = self.paged = None
-        if n and cpu_kernel.supports(cache.data):
+        if n and self.use_kernel and cpu_kernel.supports(cache.data):
             self.paged = cpu_kernel.PagedDecode(meta.block_tables[:n], meta.context_lens[:n], self.scale)
         elif n:
             num_blocks = -(-max(meta.context_lens[:n]) // bs)

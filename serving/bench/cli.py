@@ -134,10 +134,13 @@ def _shape_pair(text: str) -> tuple[int, int]:
 
 
 def _kernels_bench_parser(bench) -> None:
-    k = bench.add_parser("kernels", help="GPU: decode attention bandwidth and decode step time against bounds")
+    k = bench.add_parser("kernels", help="decode attention bandwidth and decode step time against bounds "
+                                         "(GPU, or the CPU path)")
     k.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"], help="cache and weights")
     k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
-    k.add_argument("--peak-gbs", type=float, default=3350.0, help="memory peak in GB/s (H100 SXM: 3350, H200: 4800)")
+    k.add_argument("--peak-gbs", type=float, default=3350.0,
+                   help="memory peak in GB/s (H100 SXM: 3350, H200: 4800; on a CPU, measure it: "
+                        "a 2-core EPYC VM read 44)")
     k.add_argument("--attention-shapes", type=_shape_pair, nargs="+", default=[(1, 32768), (16, 4096), (64, 2048)],
                    help="BATCH:CONTEXT pairs timed for decode attention")
     k.add_argument("--heads", type=positive_int, default=32, help="query heads of the attention shapes")

@@ -1,12 +1,13 @@
-"""`bench kernels`: the GPU path against its bounds.
+"""`bench kernels`: the decode path against its bounds, on the GPU or on the CPU.
 
-1. Decode attention bandwidth: bytes of K and V read per second by the Triton backend's decode
-   attention (paged decode kernel and KV store), as a fraction of the memory peak
-   (`--peak-gbs`), next to the torch path (`--attention-backend torch`) on the same cache.
+1. Decode attention bandwidth: bytes of K and V read per second by the attention kernel, as a
+   fraction of the memory peak (`--peak-gbs`), next to the torch path on the same cache. On
+   CUDA the kernel is the Triton backend's (paged decode and KV store); on the CPU it is the C
+   decode kernel of the torch backend, against that backend's gather path.
 2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default) at several batch
-   sizes: the engine on the Triton backend with CUDA graphs and without (--enforce-eager),
-   transformers' generate on the same device, and the bound of reading every weight once per
-   step at the memory peak.
+   sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager), transformers'
+   generate on the same device, and the bound of reading every weight once per step at the
+   memory peak.
 """
 
 import gc
@@ -41,24 +42,34 @@ def _timed(fn, device: torch.device, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def attention_bandwidth(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
+def _attention_backends(scale: float, triton: bool) -> dict:
+    """{label: backend}: the kernel under test first, then the torch path it is measured against."""
+    if triton:
+        return {"triton": create_backend("triton", scale), "torch": create_backend("torch", scale)}
+    gather = create_backend("torch", scale)
+    gather.use_kernel = False
+    return {"cpu_kernel": create_backend("torch", scale), "torch": gather}
+
+
+def attention_bandwidth(args, device: torch.device, dtype: torch.dtype, triton: bool) -> list[dict]:
     """Each backend's decode attention (KV store of the new token + attention over the context),
-    through the interface the model calls: the Triton kernels against the torch path."""
+    through the interface the model calls: the kernel against the torch path."""
     rows = []
     for batch, context in tqdm(args.attention_shapes, desc="decode attention"):
         cache, meta, (q, k, v) = _decode_step(batch, context, args.kv_heads, args.heads, args.head_dim, dtype, device)
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * cache.data.element_size()
         row = dict(batch=batch, context=context)
-        for name in ("triton", "torch"):
-            backend = create_backend(name, scale=args.head_dim**-0.5)
+        backends = _attention_backends(args.head_dim**-0.5, triton)
+        for name, backend in backends.items():
             backend.prepare(meta, cache)
             seconds = _timed(lambda: backend.attend(0, q, k, v), device, args.iters)
             row |= {f"{name}_us": seconds * 1e6, f"{name}_kv_gb_s": kv_bytes / seconds / 1e9}
-        row |= dict(of_peak=row["triton_kv_gb_s"] / args.peak_gbs, vs_torch=row["torch_us"] / row["triton_us"])
+        kernel = next(iter(backends))
+        row |= dict(of_peak=row[f"{kernel}_kv_gb_s"] / args.peak_gbs, vs_torch=row["torch_us"] / row[f"{kernel}_us"])
         rows.append(row)
-        print(f"decode attention batch {batch:>3} context {context:>6}: triton {row['triton_us']:8.1f} us, "
-              f"{row['triton_kv_gb_s']:7.1f} GB/s of K/V ({100 * row['of_peak']:.0f}% of {args.peak_gbs:.0f} GB/s) | "
-              f"torch path {row['torch_us']:8.1f} us ({row['vs_torch']:.1f}x)", flush=True)
+        print(f"decode attention batch {batch:>3} context {context:>6}: {kernel} {row[f'{kernel}_us']:8.1f} us, "
+              f"{row[f'{kernel}_kv_gb_s']:7.1f} GB/s of K/V ({100 * row['of_peak']:.0f}% of {args.peak_gbs:.0f} GB/s)"
+              f" | torch path {row['torch_us']:8.1f} us ({row['vs_torch']:.1f}x)", flush=True)
     return rows
 
 
@@ -158,7 +169,8 @@ def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         bound_ms = weight_bytes / (args.peak_gbs * 1e9) * 1e3
         for batch in tqdm(args.batch_sizes, desc="decode steps"):
             ours = _engine_step_ms(tmp, dtype, device, batch, args, eager=False)
-            eager = _engine_step_ms(tmp, dtype, device, batch, args, eager=True)
+            # NOTE: CUDA graphs are the GPU's; on the CPU every step is eager
+            eager = _engine_step_ms(tmp, dtype, device, batch, args, eager=True) if device.type == "cuda" else ours
             theirs = _transformers_step_ms(hf, device, batch, args)
             row = dict(batch=batch, counterpoint_ms=ours, counterpoint_eager_ms=eager, transformers_ms=theirs,
                        weight_bound_ms=bound_ms, of_bound=bound_ms / ours, vs_transformers=theirs / ours,
@@ -171,11 +183,11 @@ def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
 
 
 def kernels(args) -> dict:
+    """On CUDA, the Triton path. On the CPU, the CPU path; with --allow-cpu, the Triton path under
+    Triton's interpreter (TRITON_INTERPRET=1), a smoke test whose figures mean nothing."""
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and not args.allow_cpu:
-        raise ValueError("bench kernels measures the GPU path and needs a CUDA device (--allow-cpu runs it under "
-                         "Triton's interpreter with TRITON_INTERPRET=1, for a smoke test only)")
+    triton = device.type == "cuda" or args.allow_cpu
     dtype = getattr(torch, args.dtype)
     return dict(benchmark="kernels", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                dtype=args.dtype, peak_gbs=args.peak_gbs, attention=attention_bandwidth(args, device, dtype),
-                decode=decode_steps(args, device, dtype))
+                path="triton" if triton else "cpu", dtype=args.dtype, peak_gbs=args.peak_gbs,
+                attention=attention_bandwidth(args, device, dtype, triton), decode=decode_steps(args, device, dtype))
