@@ -104,12 +104,16 @@ def _random_checkpoint(shape: dict, dtype: torch.dtype, out: str):
     return model
 
 
-def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args, eager: bool) -> float:
+def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: int, args, eager: bool,
+                    gather: bool = False) -> float:
+    """gather: the CPU's decode attention through the torch backend's gather path, not its C kernel."""
     from counterpoint.serving.llm import LLM
 
     llm = LLM(path, dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=batch,
               max_num_batched_tokens=max(2048, batch * args.input_len), enforce_eager=eager, show_progress=False)
     engine = llm.engine
+    for slot in engine.all_slots.values():
+        slot.runner.backend.use_kernel = not gather
     params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(random_workload(batch, args.input_len, 1, 0.0, engine.main.vocab_size, 0).prompts):
         engine.add_request(str(i), prompt, params)
@@ -169,14 +173,17 @@ def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
         bound_ms = weight_bytes / (args.peak_gbs * 1e9) * 1e3
         for batch in tqdm(args.batch_sizes, desc="decode steps"):
             ours = _engine_step_ms(tmp, dtype, device, batch, args, eager=False)
-            # NOTE: CUDA graphs are the GPU's; on the CPU every step is eager
-            eager = _engine_step_ms(tmp, dtype, device, batch, args, eager=True) if device.type == "cuda" else ours
+            # NOTE: the step without the path's own speed-up: on CUDA without graphs, on the CPU without
+            # the C attention kernel
+            cuda = device.type == "cuda"
+            plain = _engine_step_ms(tmp, dtype, device, batch, args, eager=cuda, gather=not cuda)
             theirs = _transformers_step_ms(hf, device, batch, args)
-            row = dict(batch=batch, counterpoint_ms=ours, counterpoint_eager_ms=eager, transformers_ms=theirs,
-                       weight_bound_ms=bound_ms, of_bound=bound_ms / ours, vs_transformers=theirs / ours,
-                       graphs_speedup=eager / ours)
+            label = "eager" if cuda else "gather"
+            row = dict(batch=batch, counterpoint_ms=ours, transformers_ms=theirs, weight_bound_ms=bound_ms,
+                       of_bound=bound_ms / ours, vs_transformers=theirs / ours)
+            row |= {f"counterpoint_{label}_ms": plain, ("graphs" if cuda else "kernel") + "_speedup": plain / ours}
             rows.append(row)
-            print(f"decode step batch {batch:>3}: counterpoint {ours:7.2f} ms (eager {eager:7.2f} ms) | "
+            print(f"decode step batch {batch:>3}: counterpoint {ours:7.2f} ms ({label} {plain:7.2f} ms) | "
                   f"transformers {theirs:7.2f} ms | weight-read bound {bound_ms:6.2f} ms "
                   f"({100 * bound_ms / ours:.0f}% of bound)", flush=True)
     return rows
