@@ -97,7 +97,9 @@ async def _one_response(client: httpx.AsyncClient, body: dict) -> RequestResult:
 async def run_load(args) -> tuple[list[RequestResult], float]:
     prompts = load_prompts(args.dataset, args.num_prompts, args.seed, args.input_len, args.max_token_id)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=max(args.max_concurrency or 0, 256))
+    # NOTE: a connection per request, as vLLM's benchmark opens: a kept-alive one that the server closes
+    # while idle fails the next request sent on it (llama.cpp's server did, once)
+    limits = httpx.Limits(max_connections=max(args.max_concurrency or 0, 256), max_keepalive_connections=0)
     semaphore = asyncio.Semaphore(args.max_concurrency or len(prompts))
     rng = random.Random(args.seed)
     bar = tqdm(total=len(prompts), desc="requests")
