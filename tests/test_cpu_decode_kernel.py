@@ -82,17 +82,16 @@ def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, t
     assert [o.outputs[0].token_ids for o in without] == [o.outputs[0].token_ids for o in with_kernel]
 
 
-def test_bench_kernels_measures_the_cpu_path():
-    """`bench kernels --device cpu`: the C kernel against the gather path, and decode steps against
-    transformers (a smoke run at toy size; its figures mean nothing here)."""
+def test_bench_kernels_measures_the_cpu_path(llama_dir):
+    """`bench kernels --device cpu --model DIR`: the C kernel against the gather path, and the
+    model's decode steps against transformers (a smoke run at toy size; its figures mean nothing)."""
     from argparse import Namespace
 
     from counterpoint.serving.bench.kernels import kernels
 
-    tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
     args = Namespace(device="cpu", allow_cpu=False, dtype="bfloat16", peak_gbs=40.0, attention_shapes=[(3, 40)],
-                     heads=4, kv_heads=2, head_dim=64, batch_sizes=[2], input_len=8, steps=2, iters=1, shape=tiny)
+                     heads=4, kv_heads=2, head_dim=64, batch_sizes=[2], input_len=8, steps=2, iters=1,
+                     model=str(llama_dir))
     result = kernels(args)
     assert result["path"] == "cpu"
     row = result["attention"][0]

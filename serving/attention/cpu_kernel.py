@@ -3,7 +3,7 @@
 torch has no op that reads a paged cache in place, so the torch path gathers every decoding
 sequence's K and V into a dense copy each layer, then multiplies. This kernel reads the blocks
 where they lie, K and V once per kv head. It is plain C (no torch headers), so the system C
-compiler builds it in about a second, for the CPU at hand (`-march=native`), into the cache
+compiler builds it in under a second, for the CPU at hand (`-march=native`), into the cache
 directory; with OpenMP it runs on torch's own thread pool (the same libgomp). Without a compiler,
 or with COUNTERPOINT_CPU_KERNEL=0, the torch path runs instead.
 """
@@ -97,7 +97,7 @@ class PagedDecode:
 
     def __init__(self, tables: torch.Tensor, lens: list[int], scale: float):
         self.lib = library()
-        self.tables = tables.contiguous()
+        self.tables = tables.to(torch.int64).contiguous()
         self.lens = torch.tensor(lens, dtype=torch.int32)
         self.max_len = max(lens)
         self.scale = ctypes.c_float(scale)

@@ -4,8 +4,8 @@
    fraction of the memory peak (`--peak-gbs`), next to the torch path on the same cache. On
    CUDA the kernel is the Triton backend's (paged decode and KV store); on the CPU it is the C
    decode kernel of the torch backend, against that backend's gather path.
-2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default) at several batch
-   sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager), transformers'
+2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default), or of `--model`,
+   at several batch sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager), transformers'
    generate on the same device, and the bound of reading every weight once per step at the
    memory peak.
 """
@@ -165,18 +165,28 @@ def _transformers_step_ms(model, device: torch.device, batch: int, args) -> floa
     return (times[-1] - times[0]) / (len(times) - 1) * 1e3
 
 
+def _checkpoint(args, dtype: torch.dtype, tmp: str):
+    """(path, transformers model): the --model checkpoint, or a random one of the default shape."""
+    if getattr(args, "model", None):
+        from transformers import AutoModelForCausalLM
+
+        return args.model, AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    return tmp, _random_checkpoint(args.shape, dtype, tmp)
+
+
 def decode_steps(args, device: torch.device, dtype: torch.dtype) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        hf = _random_checkpoint(args.shape, dtype, tmp).to(device).eval()
+        path, hf = _checkpoint(args, dtype, tmp)
+        hf = hf.to(device).eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
         bound_ms = weight_bytes / (args.peak_gbs * 1e9) * 1e3
         for batch in tqdm(args.batch_sizes, desc="decode steps"):
-            ours = _engine_step_ms(tmp, dtype, device, batch, args, eager=False)
+            ours = _engine_step_ms(path, dtype, device, batch, args, eager=False)
             # NOTE: the step without the path's own speed-up: on CUDA without graphs, on the CPU without
             # the C attention kernel
             cuda = device.type == "cuda"
-            plain = _engine_step_ms(tmp, dtype, device, batch, args, eager=cuda, gather=not cuda)
+            plain = _engine_step_ms(path, dtype, device, batch, args, eager=cuda, gather=not cuda)
             theirs = _transformers_step_ms(hf, device, batch, args)
             label = "eager" if cuda else "gather"
             row = dict(batch=batch, counterpoint_ms=ours, transformers_ms=theirs, weight_bound_ms=bound_ms,
