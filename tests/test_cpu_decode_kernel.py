@@ -1,6 +1,6 @@
 """The CPU decode-attention kernel (serving/attention/paged_decode.c) against the torch reference
-(kernels/reference.py), inside the torch backend against its own gather path, and its fallback
-when it cannot be built."""
+(kernels/reference.py), inside the torch backend against its own gather path, and the fallback of
+the CPU path's C code when it cannot be built."""
 
 import logging
 
@@ -9,7 +9,7 @@ import torch
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.kernels import reference as ref
-from counterpoint.serving import LLM
+from counterpoint.serving import LLM, native
 from counterpoint.serving.attention import cpu_kernel
 from counterpoint.serving.attention.base import AttentionMetadata, KVCache
 from counterpoint.serving.attention.torch_backend import TorchAttention
@@ -67,19 +67,20 @@ def test_backend_kernel_agrees_with_its_gather_path():
 def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, tmp_path, monkeypatch, caplog):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = [[5, 17, 33, 100, 7], list(range(40, 70))]
-    with_kernel = LLM(str(llama_dir), show_progress=False).generate(prompts, params, use_tqdm=False)
+    with_native = LLM(str(llama_dir), show_progress=False).generate(prompts, params, use_tqdm=False)
     monkeypatch.setenv("COUNTERPOINT_CACHE", str(tmp_path))  # NOTE: nothing built yet here
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    cpu_kernel.library.cache_clear()
+    native.load.cache_clear()
     logging.getLogger("counterpoint").addHandler(caplog.handler)  # NOTE: serve's set-up stops propagation
     try:
         assert cpu_kernel.library() is None
-        assert "could not build the CPU decode-attention kernel" in caplog.text
+        assert "could not build paged_decode.c" in caplog.text
         without = LLM(str(llama_dir), show_progress=False).generate(prompts, params, use_tqdm=False)
+        assert "could not build cpu_norm.c" in caplog.text
     finally:
         logging.getLogger("counterpoint").removeHandler(caplog.handler)
-        cpu_kernel.library.cache_clear()
-    assert [o.outputs[0].token_ids for o in without] == [o.outputs[0].token_ids for o in with_kernel]
+        native.load.cache_clear()
+    assert [o.outputs[0].token_ids for o in without] == [o.outputs[0].token_ids for o in with_native]
 
 
 def test_bench_kernels_measures_the_cpu_path(llama_dir):

@@ -18,6 +18,7 @@ RANKS = {
     "counterpoint.kernels": 0,
     "counterpoint.decoding": 0,
     "counterpoint.serving.cache": 0,
+    "counterpoint.serving.native": 0,  # builds the C files of the CPU path, for models and attention alike
     "counterpoint.serving.models": 1,
     "counterpoint.serving.quant": 1,  # quantized weights: read by the model loader, reads its name maps
     "counterpoint.serving.attention": 1,

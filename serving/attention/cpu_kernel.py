@@ -1,35 +1,20 @@
-"""The CPU decode-attention kernel (paged_decode.c): built once per CPU, loaded through ctypes.
+"""The CPU decode-attention kernel (paged_decode.c), built and loaded by serving/native.py.
 
 torch has no op that reads a paged cache in place, so the torch path gathers every decoding
 sequence's K and V into a dense copy each layer, then multiplies. This kernel reads the blocks
-where they lie, K and V once per kv head. It is plain C (no torch headers), so the system C
-compiler builds it in under a second, for the CPU at hand (`-march=native`), into the cache
-directory; with OpenMP it runs on torch's own thread pool (the same libgomp). Without a compiler,
-or with COUNTERPOINT_CPU_KERNEL=0, the torch path runs instead.
+where they lie, K and V once per kv head.
 """
 
 import ctypes
-import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from counterpoint.serving.cache import cache_dir
-
-logger = logging.getLogger("counterpoint")
+from counterpoint.serving import native
+from counterpoint.serving.native import LANES, ptr as _ptr
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-DISABLE_ENV = "COUNTERPOINT_CPU_KERNEL"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ELEM_SIZE = {torch.float32: 4, torch.bfloat16: 2}
-LANES = 16  # head_dim must be a multiple of the kernel's vector width
 
 
 class Shape(ctypes.Structure):
@@ -38,44 +23,8 @@ class Shape(ctypes.Structure):
                                                      "max_len", "elem_size")]
 
 
-def _cpu_key() -> str:
-    """What `-march=native` depends on: the CPU's model and flags."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = platform.processor()
-    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))][:2]
-    return "\n".join(lines) + platform.machine()
-
-
-def _build(compiler: str, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # NOTE: built aside, then renamed: no half-written file
-        target = Path(tmp) / out.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(target)], check=True, capture_output=True, text=True)
-        os.replace(target, out)
-
-
-@functools.cache
 def library() -> ctypes.CDLL | None:
-    """The built kernel, or None (no compiler, the build failed, or it is turned off)."""
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.warning("no C compiler found: CPU decode attention gathers the paged cache (slower)")
-        return None
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_key().encode())
-    path = cache_dir() / "kernels" / f"paged_decode-{key.hexdigest()[:16]}.so"
-    try:
-        if not path.exists():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or e
-        logger.warning("could not build the CPU decode-attention kernel (%s): the torch path runs instead", detail)
-        return None
-    return lib
+    return native.load(SOURCE)
 
 
 def supports(cache: torch.Tensor) -> bool:
@@ -83,10 +32,6 @@ def supports(cache: torch.Tensor) -> bool:
     multiple of 16)."""
     return (cache.device.type == "cpu" and cache.dtype in ELEM_SIZE and cache.is_contiguous()
             and cache.shape[-1] % LANES == 0 and library() is not None)
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
 
 
 class PagedDecode:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from counterpoint.serving.models import cpu_norm
 from counterpoint.serving.models.rope import apply_rotary, cos_sin_cache, inverse_frequencies
 from counterpoint.serving.models.shape import LlamaShape
 
@@ -33,6 +34,8 @@ class RMSNorm(nn.Module):
 
             out, total = fused_add_rms_norm(x, residual, self.weight, self.eps)
             return out if residual is None else (out, total)
+        if cpu_norm.supports(x, self.weight):
+            return cpu_norm.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         x = x + residual
