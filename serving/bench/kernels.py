@@ -5,9 +5,9 @@
    CUDA the kernel is the Triton backend's (paged decode and KV store); on the CPU it is the C
    decode kernel of the torch backend, against that backend's gather path.
 2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default), or of `--model`,
-   at several batch sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager), transformers'
-   generate on the same device, and the bound of reading every weight once per step at the
-   memory peak.
+   at several batch sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager; on
+   the CPU with the C kernel and without), transformers' generate on the same device, and the
+   bound of reading every weight once per step at the memory peak.
 """
 
 import gc
@@ -112,8 +112,9 @@ def _engine_step_ms(path: str, dtype: torch.dtype, device: torch.device, batch: 
     llm = LLM(path, dtype=str(dtype).removeprefix("torch."), device=device.type, max_num_seqs=batch,
               max_num_batched_tokens=max(2048, batch * args.input_len), enforce_eager=eager, show_progress=False)
     engine = llm.engine
-    for slot in engine.all_slots.values():
-        slot.runner.backend.use_kernel = not gather
+    if gather:
+        for slot in engine.all_slots.values():
+            slot.runner.backend.use_kernel = False
     params = SamplingParams(max_tokens=args.steps + 2, temperature=0, ignore_eos=True)
     for i, prompt in enumerate(random_workload(batch, args.input_len, 1, 0.0, engine.main.vocab_size, 0).prompts):
         engine.add_request(str(i), prompt, params)
