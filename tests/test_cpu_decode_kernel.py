@@ -26,6 +26,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
     (4, 4, 32, 8, [33]),  # no GQA, a head size outside the specialised ones, one sequence
     (8, 1, 128, 16, [5, 70, 129]),  # GQA 8, head size 128
     (8, 2, 80, 4, [300, 2]),  # head size 80, tiny blocks, long and short together
+    (6, 1, 64, 16, [77]),  # one sequence and one kv head: a single task for six query heads
 ])
 def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, block_size, lengths):
     cache, tables = (t.cpu() for t in scattered_cache(lengths, num_kv_heads, head_dim, block_size, dtype))
