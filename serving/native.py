@@ -17,6 +17,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 from counterpoint.serving.cache import cache_dir
 
 logger = logging.getLogger("counterpoint")
@@ -24,6 +26,7 @@ logger = logging.getLogger("counterpoint")
 DISABLE_ENV = "COUNTERPOINT_CPU_KERNEL"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 LANES = 16  # floats per vector in the C sources: rows they take are multiples of it
+ELEM_SIZE = {torch.float32: 4, torch.bfloat16: 2}  # the dtypes they read and write, as their elem_size
 
 
 def _cpu_key() -> str:
@@ -65,6 +68,6 @@ def load(source: Path) -> ctypes.CDLL | None:
         return None
 
 
-def ptr(t) -> ctypes.c_void_p:
+def ptr(t: torch.Tensor) -> ctypes.c_void_p:
     """A tensor's data pointer, for a C argument."""
     return ctypes.c_void_p(t.data_ptr())

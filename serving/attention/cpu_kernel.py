@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 from counterpoint.serving import native
-from counterpoint.serving.native import LANES, ptr as _ptr
+from counterpoint.serving.native import ELEM_SIZE, LANES, ptr
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-ELEM_SIZE = {torch.float32: 4, torch.bfloat16: 2}
 
 
 class Shape(ctypes.Structure):
@@ -58,10 +57,10 @@ class PagedDecode:
         shape = Shape(num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, q.stride(0),
                       self.tables.stride(0), self.max_len, ELEM_SIZE[q.dtype])
         scores = torch.empty(num_seqs, num_heads, self.max_len)
-        self.lib.decode_scores(_ptr(q), _ptr(kv_cache), _ptr(self.tables), _ptr(self.lens), _ptr(scores),
+        self.lib.decode_scores(ptr(q), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(scores),
                                ctypes.byref(shape), self.scale)
         probs = torch.softmax(scores, dim=-1)
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype)
-        self.lib.decode_values(_ptr(probs), _ptr(kv_cache), _ptr(self.tables), _ptr(self.lens), _ptr(out),
+        self.lib.decode_values(ptr(probs), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(out),
                                ctypes.byref(shape))
         return out

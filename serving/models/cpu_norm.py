@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 
 from counterpoint.serving import native
-from counterpoint.serving.native import LANES, ptr
+from counterpoint.serving.native import ELEM_SIZE, LANES, ptr
 
 SOURCE = Path(__file__).with_name("cpu_norm.c")
-ELEM_SIZE = {torch.float32: 4, torch.bfloat16: 2}
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
