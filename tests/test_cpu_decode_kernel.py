@@ -12,6 +12,7 @@ from counterpoint.kernels import reference as ref
 from counterpoint.serving import LLM, native
 from counterpoint.serving.attention import cpu_kernel
 from counterpoint.serving.attention.base import AttentionMetadata, KVCache
+from counterpoint.serving.models import cpu_gemv
 from counterpoint.serving.attention.torch_backend import TorchAttention
 from test_kernels import scattered_cache
 
@@ -85,18 +86,22 @@ def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, t
 
 
 def test_bench_kernels_measures_the_cpu_path(llama_dir):
-    """`bench kernels --device cpu --model DIR`: the C kernel against the gather path, and the
-    model's decode steps against transformers (a smoke run at toy size; its figures mean nothing)."""
+    """`bench kernels --device cpu --model DIR`: the C kernel against the gather path, the model's
+    linear layers with the C loop for few rows and with oneDNN alone, and its decode steps against
+    transformers (a smoke run at toy size; its figures mean nothing)."""
     from argparse import Namespace
 
     from counterpoint.serving.bench.kernels import kernels
 
     args = Namespace(device="cpu", allow_cpu=False, dtype="bfloat16", peak_gbs=40.0, attention_shapes=[(3, 40)],
                      heads=4, kv_heads=2, head_dim=64, batch_sizes=[2], input_len=8, steps=2, iters=1,
-                     model=str(llama_dir))
+                     model=str(llama_dir), linear_rows=[1, cpu_gemv.MAX_ROWS + 1])
     result = kernels(args)
     assert result["path"] == "cpu"
     row = result["attention"][0]
     assert row["cpu_kernel_us"] > 0 and row["torch_us"] > 0 and row["vs_torch"] > 0
+    few, many = result["linear"]
+    assert few["gemv"] == cpu_gemv.available() and not many["gemv"]
+    assert all(row[f"{name}_ms"] > 0 for row in (few, many) for name in ("counterpoint", "onednn"))
     step = result["decode"][0]
     assert step["batch"] == 2 and step["counterpoint_ms"] > 0 and step["counterpoint_gather_ms"] > 0

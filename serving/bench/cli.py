@@ -148,6 +148,8 @@ def _kernels_bench_parser(bench) -> None:
     k.add_argument("--head-dim", type=positive_int, default=128, help="head size of the attention shapes")
     k.add_argument("--model", default=None,
                    help="time this checkpoint's decode steps (default: a random model of Llama 3.2 1B's shape)")
+    k.add_argument("--linear-rows", type=positive_int, nargs="+", default=[1, 4, 16, 32],
+                   help="rows the CPU's linear layers are timed at")
     k.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16, 64], help="decode-step batches timed")
     k.add_argument("--input-len", type=positive_int, default=128, help="prompt length before the timed steps")
     k.add_argument("--steps", type=positive_int, default=32, help="decode steps timed per batch size")

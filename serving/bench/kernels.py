@@ -4,7 +4,10 @@
    fraction of the memory peak (`--peak-gbs`), next to the torch path on the same cache. On
    CUDA the kernel is the Triton backend's (paged decode and KV store); on the CPU it is the C
    decode kernel of the torch backend, against that backend's gather path.
-2. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default), or of `--model`,
+2. On the CPU, the linear layers of a decode step: every weight of the model multiplied by a few
+   rows, through the C loop for few rows (cpu_gemv.c) and through oneDNN's packed linear alone,
+   in GB/s of weights read.
+3. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default), or of `--model`,
    at several batch sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager; on
    the CPU with the C kernel and without), transformers' generate on the same device, and the
    bound of reading every weight once per step at the memory peak.
@@ -15,12 +18,15 @@ import tempfile
 import time
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.serving.attention import create_backend
 from counterpoint.serving.attention.base import AttentionMetadata, KVCache
 from counterpoint.serving.bench.workload import random_workload
+from counterpoint.serving.models import cpu_gemv
+from counterpoint.serving.models.cpu_linear import PackedLinear
 
 def _timed(fn, device: torch.device, iters: int) -> float:
     """Mean seconds per call after one warm-up call. On CUDA the call is captured in a CUDA graph
@@ -71,6 +77,43 @@ def attention_bandwidth(args, device: torch.device, dtype: torch.dtype, triton: 
               f"{row[f'{kernel}_kv_gb_s']:7.1f} GB/s of K/V ({100 * row['of_peak']:.0f}% of {args.peak_gbs:.0f} GB/s)"
               f" | torch path {row['torch_us']:8.1f} us ({row['vs_torch']:.1f}x)", flush=True)
     return rows
+
+
+def _step_linears(config) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer a decode step runs: q/k/v, o, gate/up, down per layer, lm_head."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+    return per_layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
+
+
+def linear_bandwidth(args, config, dtype: torch.dtype) -> list[dict]:
+    """A decode step's linear layers at `--linear-rows` rows: PackedLinear as the engine runs it (the
+    C loop up to cpu_gemv.MAX_ROWS rows where the CPU has it) against oneDNN's linear alone."""
+    layers = [PackedLinear(nn.Linear(i, o, bias=False, dtype=dtype)) for o, i in tqdm(_step_linears(config),
+                                                                                       desc="linear layers")]
+    weight_bytes = sum(layer.packed.numel() for layer in layers) * torch.finfo(dtype).bits // 8
+    rows_out = []
+    for rows in args.linear_rows:
+        inputs = {layer.in_features: torch.randn(rows, layer.in_features, dtype=dtype) for layer in layers}
+        row = dict(rows=rows, gemv=all(layer.gemv for layer in layers) and rows <= cpu_gemv.MAX_ROWS)
+        for name, few_rows in (("counterpoint", None), ("onednn", 0)):
+            saved = [layer.few_rows for layer in layers]
+            for layer in layers:
+                layer.few_rows = layer.few_rows if few_rows is None else few_rows
+            with torch.inference_mode():
+                seconds = _timed(lambda: [layer(inputs[layer.in_features]) for layer in layers], torch.device("cpu"),
+                                 max(1, args.iters // 4))
+            for layer, value in zip(layers, saved):
+                layer.few_rows = value
+            row |= {f"{name}_ms": seconds * 1e3, f"{name}_gb_s": weight_bytes / seconds / 1e9}
+        row["vs_onednn"] = row["onednn_ms"] / row["counterpoint_ms"]
+        rows_out.append(row)
+        print(f"linear layers, {rows:>3} rows: counterpoint {row['counterpoint_ms']:7.2f} ms "
+              f"({row['counterpoint_gb_s']:5.1f} GB/s{', C loop' if row['gemv'] else ''}) | oneDNN alone "
+              f"{row['onednn_ms']:7.2f} ms ({row['vs_onednn']:.2f}x)", flush=True)
+    return rows_out
 
 
 def _decode_step(batch: int, context: int, kv_heads: int, heads: int, head_dim: int, dtype, device):
@@ -206,6 +249,16 @@ def kernels(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     triton = device.type == "cuda" or args.allow_cpu
     dtype = getattr(torch, args.dtype)
-    return dict(benchmark="kernels", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                path="triton" if triton else "cpu", dtype=args.dtype, peak_gbs=args.peak_gbs,
-                attention=attention_bandwidth(args, device, dtype, triton), decode=decode_steps(args, device, dtype))
+    result = dict(benchmark="kernels", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  path="triton" if triton else "cpu", dtype=args.dtype, peak_gbs=args.peak_gbs,
+                  attention=attention_bandwidth(args, device, dtype, triton))
+    if not triton:
+        result["linear"] = linear_bandwidth(args, _config(args), dtype)
+    return result | dict(decode=decode_steps(args, device, dtype))
+
+
+def _config(args):
+    """The transformers config of --model, or of the default random shape."""
+    from transformers import AutoConfig, LlamaConfig
+
+    return AutoConfig.from_pretrained(args.model) if getattr(args, "model", None) else LlamaConfig(**args.shape)

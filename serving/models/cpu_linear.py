@@ -5,6 +5,11 @@ on every call, and on CPUs without native bfloat16 it emulates bfloat16 products
 takes a weight already laid out in its blocked format, the way IPEX and vLLM's CPU backend load
 theirs: that is what `PackedLinear` holds. On CPUs that lack bfloat16 instructions (AVX2 only),
 bfloat16 layers keep a float32 copy and compute in float32; their inputs and outputs stay bfloat16.
+
+A few rows (a decode step) read every weight once and little else, and there a plain row-major
+copy of the weight does better: through cpu_gemv.py's C loop up to 16 rows where the CPU has
+AVX-512 BF16, else through F.linear for one row where bfloat16 computes in float32. Those layers
+hold the weight twice.
 """
 
 import functools
@@ -12,6 +17,8 @@ import functools
 import torch
 from torch import nn
 import torch.nn.functional as F
+
+from counterpoint.serving.models import cpu_gemv
 
 # NOTE: the reorder takes a batch-size hint; 128 was as fast as 1 or 8 from 1 to 333 rows (measured).
 PACK_HINT = 128
@@ -56,14 +63,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("packed", _reorder(linear.weight.detach().to(self.compute_dtype)), persistent=False)
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(self.compute_dtype),
                              persistent=False)
+        self.gemv = cpu_gemv.supports(linear)
         # NOTE: one row reads every weight once, so there half the bytes beat float32 products (measured)
-        self.one_row = self.compute_dtype != linear.weight.dtype
-        if self.one_row:
+        self.few_rows = cpu_gemv.MAX_ROWS if self.gemv else int(self.compute_dtype != linear.weight.dtype)
+        if self.few_rows:
             self.register_buffer("row_weight", linear.weight.detach(), persistent=False)
             self.register_buffer("row_bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.one_row and x.shape[0] == 1:
+        if 0 < x.shape[0] <= self.few_rows:
+            if self.gemv and not torch.is_grad_enabled():
+                return cpu_gemv.linear(x, self.row_weight)
             return F.linear(x, self.row_weight, self.row_bias)
         out = torch.ops.mkldnn._linear_pointwise(x.to(self.compute_dtype).contiguous(), self.packed, self.bias,
                                                  "none", [], "")

@@ -1,0 +1,48 @@
+"""A bfloat16 linear layer for up to 16 rows on the CPU in one C call (cpu_gemv.c, built by
+serving/native.py), where the CPU has AVX-512 BF16 dot products.
+
+A decode step multiplies a few rows by every weight once. oneDNN's linear reads the weights at
+about 25-30 GB/s there; the C loop, which prefetches the next rows of the weight, at 35-45
+(`counterpoint bench kernels --device cpu`, "linear"). From about 32 rows the multiplications
+dominate and oneDNN's GEMM is the faster one, so `PackedLinear` keeps both.
+"""
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from counterpoint.serving import native
+from counterpoint.serving.native import ptr
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+MAX_ROWS = 16  # NOTE: 1.15-1.35x oneDNN up to 16 rows, 0.93x at 32 (SmolLM2's layers, AVX-512 Zen 5)
+PAIRS, TILE = 32, 4  # the C loop's step along a row, and its block of weight rows
+
+
+@functools.cache
+def available() -> bool:
+    lib = native.load(SOURCE)
+    return lib is not None and bool(lib.available())
+
+
+def supports(linear: nn.Linear) -> bool:
+    """A CPU bfloat16 layer without bias, in_features a multiple of 32, out_features of 4."""
+    w = linear.weight
+    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and linear.bias is None and w.dim() == 2
+            and w.shape[1] % PAIRS == 0 and w.shape[0] % TILE == 0 and available())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (..., in) bfloat16 · weight (out, in)^T -> (..., out), as F.linear (inference only)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out_features, in_features = weight.shape
+    out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
+    native.load(SOURCE).linear_bf16(ptr(weight), ptr(rows), ptr(out), ctypes.c_int64(rows.shape[0]),
+                                    ctypes.c_int64(out_features), ctypes.c_int64(in_features),
+                                    ctypes.c_int64(rows.stride(0)))
+    return out.view(*x.shape[:-1], out_features)
