@@ -266,8 +266,10 @@ def test_bench_kernels_runs_end_to_end_at_toy_size():
     tiny = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
     args = Namespace(device=DEVICE, allow_cpu=True, dtype="float32", peak_gbs=100.0, attention_shapes=[(2, 40)],
-                     heads=4, kv_heads=2, head_dim=64, batch_sizes=[1, 2], input_len=8, steps=2, iters=1, shape=tiny)
+                     heads=4, kv_heads=2, head_dim=64, batch_sizes=[1, 2], input_len=8, steps=2, iters=1, shape=tiny,
+                     prefill_lens=[20])
     result = kernels(args)
+    assert result["prefill"][0]["triton_ms"] > 0 and result["prefill"][0]["torch_ms"] > 0
     assert [r["batch"] for r in result["decode"]] == [1, 2]
     assert all(r["counterpoint_ms"] > 0 and r["transformers_ms"] >= 0 for r in result["decode"])
     assert result["attention"][0]["triton_kv_gb_s"] > 0 and result["attention"][0]["torch_us"] > 0

@@ -1,6 +1,6 @@
 """The CPU attention path: decodes batched, through the paged-decode kernel (cpu_kernel.py) or, without
-it, in plain torch over a gathered, padded tile; prefill chunks one sequence at a time through
-scaled_dot_product_attention."""
+it, in plain torch over a gathered, padded tile; prefill chunks one sequence at a time, through the
+prefill kernel or, without it, scaled_dot_product_attention."""
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,8 @@ class TorchAttention(AttentionBackend):
         self.store_blocks = meta.slot_mapping // bs
         self.store_offsets = meta.slot_mapping % bs
         self.decode_tables = self.decode_bias = self.paged = None
-        if n and self.use_kernel and cpu_kernel.supports(cache.data):
+        self.kernel = self.use_kernel and cpu_kernel.supports(cache.data)
+        if n and self.kernel:
             self.paged = cpu_kernel.PagedDecode(meta.block_tables[:n], meta.context_lens[:n], self.scale)
         elif n:
             num_blocks = -(-max(meta.context_lens[:n]) // bs)
@@ -35,9 +36,9 @@ class TorchAttention(AttentionBackend):
             lens = torch.tensor(meta.context_lens[:n], device=meta.block_tables.device)
             is_pad = torch.arange(num_blocks * bs, device=lens.device) >= lens[:, None]  # (Bd, L)
             self.decode_bias = torch.zeros(is_pad.shape, device=lens.device).masked_fill(is_pad, -float("inf"))
-        # NOTE: a chunk with no earlier context attends to its own keys alone: no table
+        # NOTE: without the kernel, a chunk with no earlier context attends to its own keys alone: no table
         self.prefill_tables = [
-            meta.block_tables[i, : -(-context // bs)] if context > qlen else None
+            meta.block_tables[i, : -(-context // bs)] if context > qlen or self.kernel else None
             for i, (context, qlen) in enumerate(zip(meta.context_lens[n:], meta.query_lens[n:]), start=n)
         ]
 
@@ -72,6 +73,8 @@ class TorchAttention(AttentionBackend):
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim).to(gathered.dtype)
 
     def _prefill(self, q, k, v, table, context, kv_cache):
+        if self.kernel:
+            return cpu_kernel.prefill(q, kv_cache, table, context, self.scale).to(q.dtype)
         qlen = q.shape[0]
         if table is None:
             keys, values, mask, causal = k.transpose(0, 1), v.transpose(0, 1), None, True  # (Hkv, L, D)

@@ -143,6 +143,8 @@ def _kernels_bench_parser(bench) -> None:
                         "a 2-core EPYC VM read 44)")
     k.add_argument("--attention-shapes", type=_shape_pair, nargs="+", default=[(1, 32768), (16, 4096), (64, 2048)],
                    help="BATCH:CONTEXT pairs timed for decode attention")
+    k.add_argument("--prefill-lens", type=positive_int, nargs="+", default=[128, 512, 2048],
+                   help="prompt lengths timed for prefill attention")
     k.add_argument("--heads", type=positive_int, default=32, help="query heads of the attention shapes")
     k.add_argument("--kv-heads", type=positive_int, default=8, help="KV heads of the attention shapes")
     k.add_argument("--head-dim", type=positive_int, default=128, help="head size of the attention shapes")

@@ -4,10 +4,12 @@
    fraction of the memory peak (`--peak-gbs`), next to the torch path on the same cache. On
    CUDA the kernel is the Triton backend's (paged decode and KV store); on the CPU it is the C
    decode kernel of the torch backend, against that backend's gather path.
-2. On the CPU, the linear layers of a decode step: every weight of the model multiplied by a few
+2. Prefill attention of one prompt of each `--prefill-lens` length (KV store and causal attention),
+   the kernel against the torch path (scaled_dot_product_attention).
+3. On the CPU, the linear layers of a decode step: every weight of the model multiplied by a few
    rows, through the C loop for few rows (cpu_gemv.c) and through oneDNN's packed linear alone,
    in GB/s of weights read.
-3. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default), or of `--model`,
+4. Decode step time of a Llama-shaped random model (Llama 3.2 1B by default), or of `--model`,
    at several batch sizes: the engine (on CUDA with CUDA graphs and without, --enforce-eager; on
    the CPU with the C kernel and without), transformers' generate on the same device, and the
    bound of reading every weight once per step at the memory peak.
@@ -76,6 +78,33 @@ def attention_bandwidth(args, device: torch.device, dtype: torch.dtype, triton: 
         print(f"decode attention batch {batch:>3} context {context:>6}: {kernel} {row[f'{kernel}_us']:8.1f} us, "
               f"{row[f'{kernel}_kv_gb_s']:7.1f} GB/s of K/V ({100 * row['of_peak']:.0f}% of {args.peak_gbs:.0f} GB/s)"
               f" | torch path {row['torch_us']:8.1f} us ({row['vs_torch']:.1f}x)", flush=True)
+    return rows
+
+
+def prefill_attention(args, device: torch.device, dtype: torch.dtype, triton: bool) -> list[dict]:
+    """One layer's attention over a whole prompt, through each backend's `attend`."""
+    rows = []
+    for length in tqdm(args.prefill_lens, desc="prefill attention"):
+        block_size = 16
+        num_blocks = -(-length // block_size)
+        cache = KVCache(1, num_blocks, block_size, args.kv_heads, args.head_dim, dtype, device)
+        tables = torch.randperm(num_blocks, device=device)[None]
+        positions = torch.arange(length, device=device)
+        slots = tables[0, positions // block_size] * block_size + positions % block_size
+        meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, query_lens=[length], context_lens=[length],
+                                 num_decodes=0, block_size=block_size)
+        q, k, v = (torch.randn(length, h, args.head_dim, device=device, dtype=dtype)
+                   for h in (args.heads, args.kv_heads, args.kv_heads))
+        row = dict(tokens=length)
+        backends = _attention_backends(args.head_dim**-0.5, triton)
+        for name, backend in backends.items():
+            backend.prepare(meta, cache)
+            row[f"{name}_ms"] = _timed(lambda: backend.attend(0, q, k, v), device, max(1, args.iters // 4)) * 1e3
+        kernel = next(iter(backends))
+        row["vs_torch"] = row["torch_ms"] / row[f"{kernel}_ms"]
+        rows.append(row)
+        print(f"prefill attention {length:>6} tokens: {kernel} {row[f'{kernel}_ms']:8.2f} ms | torch path "
+              f"{row['torch_ms']:8.2f} ms ({row['vs_torch']:.1f}x)", flush=True)
     return rows
 
 
@@ -251,7 +280,8 @@ def kernels(args) -> dict:
     dtype = getattr(torch, args.dtype)
     result = dict(benchmark="kernels", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   path="triton" if triton else "cpu", dtype=args.dtype, peak_gbs=args.peak_gbs,
-                  attention=attention_bandwidth(args, device, dtype, triton))
+                  attention=attention_bandwidth(args, device, dtype, triton),
+                  prefill=prefill_attention(args, device, dtype, triton))
     if not triton:
         result["linear"] = linear_bandwidth(args, _config(args), dtype)
     return result | dict(decode=decode_steps(args, device, dtype))

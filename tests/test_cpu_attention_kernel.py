@@ -1,6 +1,6 @@
-"""The CPU decode-attention kernel (serving/attention/paged_decode.c) against the torch reference
-(kernels/reference.py), inside the torch backend against its own gather path, and the fallback of
-the CPU path's C code when it cannot be built."""
+"""The CPU attention kernels (serving/attention/paged_attention.c), decode and prefill, against the
+torch reference (kernels/reference.py), inside the torch backend against its own torch path, and
+the fallback of the CPU path's C code when it cannot be built."""
 
 import logging
 
@@ -43,9 +43,30 @@ def test_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, bloc
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,block_size,qlen,context", [
+    (9, 3, 64, 16, 70, 70),  # a whole prompt over three query blocks of the kernel (SmolLM2's heads)
+    (4, 4, 32, 8, 37, 100),  # a later chunk after 63 cached tokens, no GQA, an unspecialised head size
+    (8, 1, 128, 16, 5, 5),  # GQA 8, head size 128, a prompt shorter than one tile of keys
+    (8, 2, 80, 4, 33, 47),  # head size 80, tiny blocks: a tile of keys spans four of them
+    (6, 2, 64, 16, 1, 19),  # a chunk of one token
+])
+def test_prefill_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_dim, block_size, qlen, context):
+    cache, tables = (t.cpu() for t in scattered_cache([context], num_kv_heads, head_dim, block_size, dtype))
+    qk = torch.randn(qlen, num_heads + num_kv_heads, head_dim).to(dtype)
+    q = qk[:, :num_heads]  # NOTE: strided, as the model hands it over
+    scale = head_dim**-0.5
+    expected = ref.paged_prefill(q.float(), cache.float(), tables, torch.tensor([0]), torch.tensor([qlen]),
+                                 torch.tensor([context]), scale)
+    got = cpu_kernel.prefill(q, cache, tables[0], context, scale)
+    assert got.dtype == dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), expected, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@needs_kernel
 def test_backend_kernel_agrees_with_its_gather_path():
-    """A step of three decodes and a prefill chunk: the same layer through the kernel and through
-    the gathered torch path."""
+    """A step of three decodes and a prefill chunk: the same layer through the kernels and through
+    the torch path (a gathered tile for the decodes, scaled_dot_product_attention for the chunk)."""
     num_heads, num_kv_heads, head_dim, bs = 6, 2, 64, 8
     cache = KVCache(1, 40, bs, num_kv_heads, head_dim, torch.float32, torch.device("cpu"))
     cache.data.normal_()
@@ -76,7 +97,7 @@ def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, t
     logging.getLogger("counterpoint").addHandler(caplog.handler)  # NOTE: serve's set-up stops propagation
     try:
         assert cpu_kernel.library() is None
-        assert "could not build paged_decode.c" in caplog.text
+        assert "could not build paged_attention.c" in caplog.text
         without = LLM(str(llama_dir), show_progress=False).generate(prompts, params, use_tqdm=False)
         assert "could not build cpu_norm.c" in caplog.text
     finally:
@@ -86,7 +107,7 @@ def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, t
 
 
 def test_bench_kernels_measures_the_cpu_path(llama_dir):
-    """`bench kernels --device cpu --model DIR`: the C kernel against the gather path, the model's
+    """`bench kernels --device cpu --model DIR`: the C kernels against the torch path, the model's
     linear layers with the C loop for few rows and with oneDNN alone, and its decode steps against
     transformers (a smoke run at toy size; its figures mean nothing)."""
     from argparse import Namespace
@@ -95,11 +116,12 @@ def test_bench_kernels_measures_the_cpu_path(llama_dir):
 
     args = Namespace(device="cpu", allow_cpu=False, dtype="bfloat16", peak_gbs=40.0, attention_shapes=[(3, 40)],
                      heads=4, kv_heads=2, head_dim=64, batch_sizes=[2], input_len=8, steps=2, iters=1,
-                     model=str(llama_dir), linear_rows=[1, cpu_gemv.MAX_ROWS + 1])
+                     model=str(llama_dir), linear_rows=[1, cpu_gemv.MAX_ROWS + 1], prefill_lens=[20])
     result = kernels(args)
     assert result["path"] == "cpu"
     row = result["attention"][0]
     assert row["cpu_kernel_us"] > 0 and row["torch_us"] > 0 and row["vs_torch"] > 0
+    assert result["prefill"][0]["cpu_kernel_ms"] > 0 and result["prefill"][0]["torch_ms"] > 0
     few, many = result["linear"]
     assert few["gemv"] == cpu_gemv.available() and not many["gemv"]
     assert all(row[f"{name}_ms"] > 0 for row in (few, many) for name in ("counterpoint", "onednn"))

@@ -1,0 +1,327 @@
+/* Attention over the paged KV cache on the CPU, read in place through the block tables (no
+ * gathered copy). The cache of one layer is (2, kv_heads, num_blocks, block_size, head_dim): K, then V.
+ *
+ * Decode, in two passes around a softmax left to torch: each sequence has one query token, and
+ * its keys are read once per kv head for all the query heads that share it (GQA).
+ *
+ *   scores:  S[s, h, t] = scale * q[s, h] . K[s, kv(h), t]   for t < len[s], -inf after
+ *   values:  out[s, h]  = sum_t P[s, h, t] * V[s, kv(h), t]   (P = softmax(S), by torch)
+ *
+ * Scores, probabilities and sums are float32; K, V, q and out are bfloat16 or float32 (elem_size 2
+ * or 4). head_dim must be a multiple of 16. Built by cpu_kernel.py for the CPU it runs on.
+ *
+ * Prefill (below): one sequence's chunk of new tokens, causal, one pass with an online softmax.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define LANES 16 /* floats per vector: one AVX-512 register, two AVX2 ones (GCC vector extensions) */
+#define AHEAD 2  /* blocks fetched ahead: they lie anywhere, so the hardware cannot guess the next */
+
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t vuint __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t vhalf __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+typedef struct {
+    int64_t num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size;
+    int64_t q_stride;     /* elements between two sequences' queries (heads and dims are packed) */
+    int64_t table_stride; /* entries between two rows of the block table */
+    int64_t max_len;      /* the scores' last dimension */
+    int64_t elem_size;    /* 2: bfloat16, 4: float32 */
+} Shape;
+
+/* n / LANES vectors from a row of n bfloat16 or float32 values (n a multiple of LANES) */
+static inline void load_row(const void *src, vfloat *dst, int64_t n, int64_t elem_size) {
+    for (int64_t c = 0; c < n / LANES; c++) {
+        if (elem_size == 4) {
+            memcpy(&dst[c], (const float *)src + c * LANES, sizeof(vfloat));
+        } else {
+            vhalf half;
+            memcpy(&half, (const uint16_t *)src + c * LANES, sizeof half);
+            dst[c] = (vfloat)(__builtin_convertvector(half, vuint) << 16); /* bfloat16 = a float's top half */
+        }
+    }
+}
+
+static inline uint16_t to_bf16(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
+    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(bits >> 16);
+}
+
+static inline void store_row(const vfloat *src, void *dst, int64_t n, int64_t elem_size) {
+    const float *x = (const float *)src;
+    for (int64_t i = 0; i < n; i++) {
+        if (elem_size == 4)
+            ((float *)dst)[i] = x[i];
+        else
+            ((uint16_t *)dst)[i] = to_bf16(x[i]);
+    }
+}
+
+static inline float sum_lanes(vfloat v) { /* a halving tree: 4 adds deep, not 16 */
+    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
+    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
+    return v[0] + v[1];
+}
+
+static inline float dot(const vfloat *a, const vfloat *b, int64_t chunks) {
+    vfloat acc = a[0] * b[0];
+    for (int64_t c = 1; c < chunks; c++) acc += a[c] * b[c];
+    return sum_lanes(acc);
+}
+
+/* Block b of a sequence's table in one head's (num_blocks, block_size, head_dim) plane, after
+ * prefetching the blocks up to AHEAD further on (of the `used` blocks the sequence holds). */
+static inline const char *tile(const char *plane, const int64_t *table, int64_t b, int64_t used, int64_t bytes) {
+    for (int64_t a = b ? b + AHEAD : 1; a <= b + AHEAD && a < used; a++)
+        for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(plane + table[a] * bytes + i);
+    return plane + table[b] * bytes;
+}
+
+#define TASK static inline __attribute__((always_inline)) void
+
+/* One (sequence, kv head) of the scores pass. */
+TASK scores_task(const Shape *sh, const char *q, const char *plane, const int64_t *table, int64_t len,
+                 float *out, float scale, const int64_t chunks, const int64_t elem_size) {
+    const int64_t group = sh->num_heads / sh->num_kv_heads, bs = sh->block_size;
+    const int64_t row_bytes = chunks * LANES * elem_size, used = (len + bs - 1) / bs;
+    vfloat qf[group * chunks], row[chunks];
+    load_row(q, qf, group * chunks * LANES, elem_size);
+    for (int64_t c = 0; c < group * chunks; c++) qf[c] *= scale;
+    for (int64_t b = 0; b < used; b++) {
+        const char *block = tile(plane, table, b, used, bs * row_bytes);
+        for (int64_t t = b * bs; t < len && t < (b + 1) * bs; t++) {
+            load_row(block + (t - b * bs) * row_bytes, row, chunks * LANES, elem_size);
+            for (int64_t g = 0; g < group; g++) out[g * sh->max_len + t] = dot(qf + g * chunks, row, chunks);
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t t = len; t < sh->max_len; t++) out[g * sh->max_len + t] = -INFINITY;
+}
+
+/* One (sequence, kv head) of the values pass. */
+TASK values_task(const Shape *sh, const float *p, const char *plane, const int64_t *table, int64_t len, char *out,
+                 const int64_t chunks, const int64_t elem_size) {
+    const int64_t group = sh->num_heads / sh->num_kv_heads, bs = sh->block_size;
+    const int64_t row_bytes = chunks * LANES * elem_size, used = (len + bs - 1) / bs;
+    vfloat acc[group * chunks], row[chunks];
+    memset(acc, 0, sizeof acc);
+    for (int64_t b = 0; b < used; b++) {
+        const char *block = tile(plane, table, b, used, bs * row_bytes);
+        for (int64_t t = b * bs; t < len && t < (b + 1) * bs; t++) {
+            load_row(block + (t - b * bs) * row_bytes, row, chunks * LANES, elem_size);
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] += p[g * sh->max_len + t] * row[c];
+        }
+    }
+    store_row(acc, out, group * chunks * LANES, elem_size);
+}
+
+/* Calls TASK(args..., chunks, elem_size) with both as constants for the common head dims (64, 128)
+ * and dtypes, so the compiler unrolls the row loops and keeps rows in registers. */
+#define DISPATCH(TASK, sh, ...)                                                                             \
+    do {                                                                                                    \
+        const int64_t chunks_ = (sh)->head_dim / LANES, size_ = (sh)->elem_size;                            \
+        if (chunks_ == 4 && size_ == 2) TASK(__VA_ARGS__, 4, 2);                                            \
+        else if (chunks_ == 8 && size_ == 2) TASK(__VA_ARGS__, 8, 2);                                       \
+        else if (chunks_ == 4 && size_ == 4) TASK(__VA_ARGS__, 4, 4);                                       \
+        else if (chunks_ == 8 && size_ == 4) TASK(__VA_ARGS__, 8, 4);                                       \
+        else TASK(__VA_ARGS__, chunks_, size_);                                                             \
+    } while (0)
+
+void decode_scores(const char *q, const char *kv, const int64_t *tables, const int32_t *lens, float *scores,
+                   const Shape *sh, float scale) {
+    const int64_t group = sh->num_heads / sh->num_kv_heads, head_bytes = sh->head_dim * sh->elem_size;
+    const int64_t plane_bytes = sh->num_blocks * sh->block_size * head_bytes;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t s = 0; s < sh->num_seqs; s++) {
+        for (int64_t h = 0; h < sh->num_kv_heads; h++) {
+            DISPATCH(scores_task, sh, sh, q + (s * sh->q_stride * sh->elem_size) + h * group * head_bytes,
+                     kv + h * plane_bytes, tables + s * sh->table_stride, lens[s],
+                     scores + (s * sh->num_heads + h * group) * sh->max_len, scale);
+        }
+    }
+}
+
+void decode_values(const float *probs, const char *kv, const int64_t *tables, const int32_t *lens, char *out,
+                   const Shape *sh) {
+    const int64_t group = sh->num_heads / sh->num_kv_heads, head_bytes = sh->head_dim * sh->elem_size;
+    const int64_t plane_bytes = sh->num_blocks * sh->block_size * head_bytes;
+    const char *v_cache = kv + sh->num_kv_heads * plane_bytes;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t s = 0; s < sh->num_seqs; s++) {
+        for (int64_t h = 0; h < sh->num_kv_heads; h++) {
+            DISPATCH(values_task, sh, sh, probs + (s * sh->num_heads + h * group) * sh->max_len,
+                     v_cache + h * plane_bytes, tables + s * sh->table_stride, lens[s],
+                     out + (s * sh->num_heads + h * group) * head_bytes);
+        }
+    }
+}
+
+/* ---- prefill: one sequence's chunk of new tokens, causal, with an online softmax ----
+ *
+ *   out[i, h] = sum_t softmax_t(scale * q[i, h] . K[kv(h), t]) V[kv(h), t]   for t <= first + i
+ *
+ * where first = context - qlen is the position of the chunk's first token (its own keys and values
+ * are in the cache already). Keys come LANES at a time by position, transposed so that one vector
+ * holds one dimension of LANES keys: a query row's LANES scores are then head_dim FMAs, with no
+ * horizontal sums. A task is one kv head and up to QBLOCK query tokens, with all the query heads
+ * that share the kv head: each tile of keys and values is read and converted once for all of them.
+ */
+
+#define QBLOCK 32 /* query tokens per task */
+
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+
+typedef struct {
+    int64_t qlen, context, num_heads, num_kv_heads, head_dim, num_blocks, block_size;
+    int64_t q_stride;  /* elements between two tokens' queries (heads and dims are packed) */
+    int64_t elem_size; /* 2: bfloat16, 4: float32 */
+} PrefillShape;
+
+static inline vfloat select(vint mask, vfloat a, vfloat b) { return (vfloat)(((vint)a & mask) | ((vint)b & ~mask)); }
+
+static inline float max_lanes(vfloat v) {
+    v = select(v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7), v,
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    float best = v[0];
+    for (int j = 1; j < LANES / 2; j++) best = v[j] > best ? v[j] : best;
+    return best;
+}
+
+/* e^x for x <= 0, as 2^n e^f with x = n ln 2 + f, |f| <= ln 2 / 2 (7th-degree Taylor: < 1 ulp);
+ * 0 below -87 and for -inf */
+static inline vfloat exp_neg(vfloat x) {
+    const vint under = x < -87.0f;
+    x = select(under, (vfloat){0} - 87.0f, x);
+    const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
+    const vfloat f = (x - n * 0.693359375f) + n * 2.12194440e-4f;            /* ln 2 in two parts */
+    vfloat p = (vfloat){0} + 1.0f / 5040;
+    p = p * f + 1.0f / 720;
+    p = p * f + 1.0f / 120;
+    p = p * f + 1.0f / 24;
+    p = p * f + 1.0f / 6;
+    p = p * f + 0.5f;
+    p = p * f + 1.0f;
+    p = p * f + 1.0f;
+    const vint two_n = (__builtin_convertvector(n, vint) + 127) << 23;
+    return (vfloat)((vint)(p * (vfloat)two_n) & ~under);
+}
+
+/* the keys (transposed: kt[d][j]) and values (vv[j]) of positions t0 .. t0 + LANES - 1, zero past n */
+static inline void load_tile(const PrefillShape *sh, const char *k_plane, const char *v_plane, const int64_t *table,
+                             int64_t t0, int64_t n, float *kt, vfloat *vv, const int64_t chunks,
+                             const int64_t elem_size) {
+    const int64_t d_size = chunks * LANES, row_bytes = d_size * elem_size, bs = sh->block_size;
+    vfloat row[chunks];
+    for (int64_t j = 0; j < LANES; j++) {
+        if (j < n) {
+            const int64_t t = t0 + j, offset = (table[t / bs] * bs + t % bs) * row_bytes;
+            load_row(k_plane + offset, row, d_size, elem_size);
+            load_row(v_plane + offset, vv + j * chunks, d_size, elem_size);
+        } else {
+            memset(row, 0, sizeof row);
+            memset(vv + j * chunks, 0, sizeof row);
+        }
+        const float *k = (const float *)row;
+        for (int64_t d = 0; d < d_size; d++) kt[d * LANES + j] = k[d];
+    }
+}
+
+#define RBLOCK 4 /* query rows scored together: independent FMA chains, and each key vector loaded once for them */
+
+/* Scores of rows r .. r + rb - 1 against one tile of keys, the online-softmax update, and their
+ * sums of values; masked lanes (keys after a row's position, or past the tile) weigh 0. */
+TASK rows_tile(const vfloat *qs, vfloat *acc, float *m, float *l, const int64_t *pos, int64_t t0,
+               const vfloat *kt, const vfloat *vv, int64_t n, const int rb, const int64_t chunks) {
+    const int64_t d_size = chunks * LANES;
+    vfloat s[RBLOCK][2];
+    for (int i = 0; i < rb; i++) s[i][0] = s[i][1] = (vfloat){0};
+    for (int64_t d = 0; d < d_size; d += 2)
+        for (int i = 0; i < rb; i++) {
+            const float *qr = (const float *)(qs + i * chunks);
+            s[i][0] += qr[d] * kt[d];
+            s[i][1] += qr[d + 1] * kt[d + 1];
+        }
+    vint iota;
+    for (int j = 0; j < LANES; j++) iota[j] = (int32_t)(t0 + j);
+    vfloat p[RBLOCK];
+    for (int i = 0; i < rb; i++) {
+        const vfloat scores = select(iota <= (int32_t)pos[i], s[i][0] + s[i][1], (vfloat){0} - INFINITY);
+        const float top = max_lanes(scores) > m[i] ? max_lanes(scores) : m[i];
+        const float correction = exp_neg((vfloat){0} + (m[i] - top))[0];
+        p[i] = exp_neg(scores - top);
+        l[i] = l[i] * correction + sum_lanes(p[i]);
+        m[i] = top;
+        for (int64_t c = 0; c < chunks; c++) acc[i * chunks + c] *= correction;
+    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const vfloat v = vv[j * chunks + c];
+            for (int i = 0; i < rb; i++) acc[i * chunks + c] += p[i][j] * v;
+        }
+}
+
+/* One kv head's query heads for query tokens i0 .. i0 + QBLOCK - 1 of the chunk. */
+TASK prefill_task(const PrefillShape *sh, const char *q, const char *k_plane, const char *v_plane,
+                  const int64_t *table, char *out, float scale, int64_t i0, const int64_t chunks,
+                  const int64_t elem_size) {
+    const int64_t group = sh->num_heads / sh->num_kv_heads, d_size = chunks * LANES;
+    const int64_t row_bytes = d_size * elem_size, first = sh->context - sh->qlen;
+    const int64_t nq = sh->qlen - i0 < QBLOCK ? sh->qlen - i0 : QBLOCK, rows = nq * group;
+    const int64_t end = first + i0 + nq; /* keys any row of the task sees */
+    vfloat qs[rows * chunks], acc[rows * chunks], kt[d_size], vv[LANES * chunks];
+    float m[rows], l[rows];
+    int64_t pos[rows]; /* rows are (token, head), so positions never decrease */
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(q + ((i0 + r / group) * sh->q_stride * elem_size) + (r % group) * row_bytes, qs + r * chunks,
+                 d_size, elem_size);
+        for (int64_t c = 0; c < chunks; c++) qs[r * chunks + c] *= scale;
+        memset(acc + r * chunks, 0, chunks * sizeof(vfloat));
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+        pos[r] = first + i0 + r / group;
+    }
+    for (int64_t t0 = 0; t0 < end; t0 += LANES) {
+        const int64_t n = end - t0 < LANES ? end - t0 : LANES;
+        load_tile(sh, k_plane, v_plane, table, t0, n, (float *)kt, vv, chunks, elem_size);
+        for (int64_t r = 0; r < rows; r += RBLOCK) {
+            const int rb = rows - r < RBLOCK ? (int)(rows - r) : RBLOCK;
+            if (pos[r + rb - 1] < t0) continue;
+            const vfloat *qr = qs + r * chunks;
+            vfloat *ar = acc + r * chunks;
+            switch (rb) {
+                case 1: rows_tile(qr, ar, m + r, l + r, pos + r, t0, kt, vv, n, 1, chunks); break;
+                case 2: rows_tile(qr, ar, m + r, l + r, pos + r, t0, kt, vv, n, 2, chunks); break;
+                case 3: rows_tile(qr, ar, m + r, l + r, pos + r, t0, kt, vv, n, 3, chunks); break;
+                default: rows_tile(qr, ar, m + r, l + r, pos + r, t0, kt, vv, n, RBLOCK, chunks); break;
+            }
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < chunks; c++) acc[r * chunks + c] *= 1.0f / l[r];
+        store_row(acc + r * chunks, out + ((i0 + r / group) * sh->num_heads + r % group) * row_bytes, d_size,
+                  elem_size);
+    }
+}
+
+/* q: the chunk's queries (qlen, num_heads, head_dim), tokens q_stride apart; out: (qlen, num_heads,
+ * head_dim), contiguous; table: the sequence's blocks, enough for `context` tokens. */
+void prefill(const char *q, const char *kv, const int64_t *table, char *out, const PrefillShape *sh, float scale) {
+    const int64_t group = sh->num_heads / sh->num_kv_heads, head_bytes = sh->head_dim * sh->elem_size;
+    const int64_t plane_bytes = sh->num_blocks * sh->block_size * head_bytes;
+    const int64_t tasks = (sh->qlen + QBLOCK - 1) / QBLOCK;
+#pragma omp parallel for collapse(2) schedule(dynamic, 1)
+    for (int64_t h = 0; h < sh->num_kv_heads; h++) {
+        for (int64_t b = 0; b < tasks; b++) {
+            DISPATCH(prefill_task, sh, sh, q + h * group * head_bytes, kv + h * plane_bytes,
+                     kv + (sh->num_kv_heads + h) * plane_bytes, table, out + h * group * head_bytes, scale,
+                     b * QBLOCK);
+        }
+    }
+}
