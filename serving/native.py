@@ -1,4 +1,5 @@
-"""The CPU path's small C libraries (paged_attention.c, cpu_norm.c, cpu_gemv.c): built once per CPU, loaded through ctypes.
+"""The CPU path's small C libraries (paged_attention.c, cpu_norm.c, cpu_gemv.c): built once per CPU,
+loaded through ctypes.
 
 They are plain C (GCC vector extensions and OpenMP, no torch headers), so the system C compiler
 builds each in under a second, for the CPU at hand (`-march=native`), into the cache directory;
