@@ -20,14 +20,6 @@
 #define PAIRS 32 /* bfloat16 values per dot-product instruction */
 #define TILE 4   /* weight rows, and input rows, per block of accumulators */
 
-/* float32 -> the nearest bfloat16 (ties to even, NaN kept quiet) */
-static inline uint16_t to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
-
 /* the sums of four accumulators' lanes, as four floats */
 static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
@@ -57,11 +49,8 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
             for (int k = 0; k < TILE; k++) acc[r][k] = _mm512_dpbf16_ps(acc[r][k], xv, wv[k]);
         }
     }
-    for (int r = 0; r < n; r++) {
-        float sums[TILE];
-        _mm_storeu_ps(sums, sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
-        for (int k = 0; k < TILE; k++) y[r * out + k] = to_bf16(sums[k]);
-    }
+    for (int r = 0; r < n; r++) /* VCVTNEPS2BF16 rounds to nearest even, as torch does */
+        _mm_storel_epi64((__m128i *)(y + r * out), (__m128i)_mm_cvtneps_pbh(sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3])));
 }
 
 int available(void) { return 1; }

@@ -1,9 +1,9 @@
-"""A bfloat16 linear layer for up to 16 rows on the CPU in one C call (cpu_gemv.c, built by
+"""A bfloat16 linear layer for up to 64 rows on the CPU in one C call (cpu_gemv.c, built by
 serving/native.py), where the CPU has AVX-512 BF16 dot products.
 
 A decode step multiplies a few rows by every weight once. oneDNN's linear reads the weights at
 about 25-30 GB/s there; the C loop, which prefetches the next rows of the weight, at 35-45
-(`counterpoint bench kernels --device cpu`, "linear"). From about 32 rows the multiplications
+(`counterpoint bench kernels --device cpu`, "linear"). From about 96 rows the multiplications
 dominate and oneDNN's GEMM is the faster one, so `PackedLinear` keeps both.
 """
 
@@ -18,7 +18,7 @@ from counterpoint.serving import native
 from counterpoint.serving.native import ptr
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-MAX_ROWS = 16  # NOTE: 1.15-1.35x oneDNN up to 16 rows, 0.93x at 32 (SmolLM2's layers, AVX-512 Zen 5)
+MAX_ROWS = 64  # NOTE: 1.1-1.4x oneDNN up to 64 rows, even at 96, 0.9x from 256 (SmolLM2's layers, Zen 5)
 PAIRS, TILE = 32, 4  # the C loop's step along a row, and its block of weight rows
 
 

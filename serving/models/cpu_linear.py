@@ -7,7 +7,7 @@ theirs: that is what `PackedLinear` holds. On CPUs that lack bfloat16 instructio
 bfloat16 layers keep a float32 copy and compute in float32; their inputs and outputs stay bfloat16.
 
 A few rows (a decode step) read every weight once and little else, and there a plain row-major
-copy of the weight does better: through cpu_gemv.py's C loop up to 16 rows where the CPU has
+copy of the weight does better: through cpu_gemv.py's C loop up to 64 rows where the CPU has
 AVX-512 BF16, else through F.linear for one row where bfloat16 computes in float32. Those layers
 hold the weight twice.
 """
