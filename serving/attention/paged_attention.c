@@ -186,12 +186,13 @@ typedef struct {
 
 static inline vfloat select(vint mask, vfloat a, vfloat b) { return (vfloat)(((vint)a & mask) | ((vint)b & ~mask)); }
 
-static inline float max_lanes(vfloat v) {
-    v = select(v > __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7), v,
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    float best = v[0];
-    for (int j = 1; j < LANES / 2; j++) best = v[j] > best ? v[j] : best;
-    return best;
+static inline vfloat vmax(vfloat a, vfloat b) { return select(a > b, a, b); }
+
+static inline float max_lanes(vfloat v) { /* a halving tree, as sum_lanes */
+    v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+    v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
+    v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
+    return v[0] > v[1] ? v[0] : v[1];
 }
 
 /* e^x for x <= 0, as 2^n e^f with x = n ln 2 + f, |f| <= ln 2 / 2 (7th-degree Taylor: < 1 ulp);
@@ -253,12 +254,15 @@ TASK rows_tile(const vfloat *qs, vfloat *acc, float *m, float *l, const int64_t 
     vfloat p[RBLOCK];
     for (int i = 0; i < rb; i++) {
         const vfloat scores = select(iota <= (int32_t)pos[i], s[i][0] + s[i][1], (vfloat){0} - INFINITY);
-        const float top = max_lanes(scores) > m[i] ? max_lanes(scores) : m[i];
-        const float correction = exp_neg((vfloat){0} + (m[i] - top))[0];
-        p[i] = exp_neg(scores - top);
-        l[i] = l[i] * correction + sum_lanes(p[i]);
-        m[i] = top;
-        for (int64_t c = 0; c < chunks; c++) acc[i * chunks + c] *= correction;
+        const float top = max_lanes(scores);
+        if (top > m[i]) { /* NOTE: a new running max rescales what came before; most tiles keep it */
+            const float correction = exp_neg((vfloat){0} + (m[i] - top))[0];
+            l[i] *= correction;
+            for (int64_t c = 0; c < chunks; c++) acc[i * chunks + c] *= correction;
+            m[i] = top;
+        }
+        p[i] = exp_neg(scores - m[i]);
+        l[i] += sum_lanes(p[i]);
     }
     for (int64_t j = 0; j < n; j++)
         for (int64_t c = 0; c < chunks; c++) {
