@@ -53,6 +53,7 @@ class PagedDecode:
         self.lens = torch.tensor(lens, dtype=torch.int32)
         self.max_len = max(lens)
         self.scale = ctypes.c_float(scale)
+        self.shape: Shape | None = None  # NOTE: every layer of the step has the same; made at the first
 
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         """q (num_seqs, num_heads, head_dim), rows possibly strided; kv_cache (2, Hkv, NB, bs, D),
@@ -61,17 +62,23 @@ class PagedDecode:
         q = q.to(kv_cache.dtype)
         if q.stride(2) != 1 or q.stride(1) != head_dim:
             q = q.contiguous()
-        _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
-        shape = Shape(num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, q.stride(0),
-                      self.tables.stride(0), self.max_len, ELEM_SIZE[q.dtype])
+        shape = self._shape(q, kv_cache)
         scores = torch.empty(num_seqs, num_heads, self.max_len)
-        self.lib.decode_scores(ptr(q), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(scores),
-                               ctypes.byref(shape), self.scale)
+        self.lib.decode_scores(ptr(q), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(scores), shape,
+                               self.scale)
         probs = torch.softmax(scores, dim=-1)
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype)
-        self.lib.decode_values(ptr(probs), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(out),
-                               ctypes.byref(shape))
+        self.lib.decode_values(ptr(probs), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(out), shape)
         return out
+
+    def _shape(self, q: torch.Tensor, kv_cache: torch.Tensor):
+        if self.shape is None or self.shape.q_stride != q.stride(0) or self.shape.elem_size != ELEM_SIZE[q.dtype]:
+            num_seqs, num_heads, head_dim = q.shape
+            _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
+            self.shape = Shape(num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size, q.stride(0),
+                               self.tables.stride(0), self.max_len, ELEM_SIZE[q.dtype])
+            self.shape_ref = ctypes.byref(self.shape)
+        return self.shape_ref
 
 
 def prefill(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, context: int, scale: float) -> torch.Tensor:

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from counterpoint.serving import native
-from counterpoint.serving.native import ptr
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 64  # NOTE: 1.1-1.4x oneDNN up to 64 rows, even at 96, 0.9x from 256 (SmolLM2's layers, Zen 5)
@@ -35,14 +34,21 @@ def supports(linear: nn.Linear) -> bool:
             and w.shape[1] % PAIRS == 0 and w.shape[0] % TILE == 0 and available())
 
 
+@functools.cache
+def _linear_bf16():
+    # NOTE: declared argument types let ctypes take plain ints: a decode step makes hundreds of these calls
+    fn = native.load(SOURCE).linear_bf16
+    fn.argtypes, fn.restype = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4, None
+    return fn
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x (..., in) bfloat16 · weight (out, in)^T -> (..., out), as F.linear (inference only)."""
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out_features, in_features = weight.shape
     out = torch.empty(rows.shape[0], out_features, dtype=torch.bfloat16)
-    native.load(SOURCE).linear_bf16(ptr(weight), ptr(rows), ptr(out), ctypes.c_int64(rows.shape[0]),
-                                    ctypes.c_int64(out_features), ctypes.c_int64(in_features),
-                                    ctypes.c_int64(rows.stride(0)))
-    return out.view(*x.shape[:-1], out_features)
+    _linear_bf16()(weight.data_ptr(), rows.data_ptr(), out.data_ptr(), rows.shape[0], out_features, in_features,
+                   rows.stride(0))
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], out_features)
