@@ -70,6 +70,22 @@ def test_the_shared_layers_are_found_and_held_once(llm, expert_dir, tuned_dir, c
     assert slots["cut"].model.layers[0] is main.layers[0]
 
 
+def test_equal_ends_are_held_once_and_a_step_reads_the_lm_head_once(llm, monkeypatch):
+    """The amateurs' embeddings and lm_heads equal the expert's: one module each, and a contrastive
+    step runs both streams' rows through the lm_head in one call (its weight read once)."""
+    from counterpoint.serving.engine.model_runner import ModelRunner
+
+    slots = llm.engine.slots
+    main = slots[llm.engine.default_model].model
+    for name in ("tuned", "cut"):
+        assert slots[name].model.embed_tokens is main.embed_tokens and slots[name].model.lm_head is main.lm_head
+    calls = []
+    real = ModelRunner.logits
+    monkeypatch.setattr(ModelRunner, "logits", lambda self, hidden: calls.append(hidden.shape[0]) or real(self, hidden))
+    llm.generate([PROMPTS[0]], params("tuned", max_tokens=4), use_tqdm=False)
+    assert calls == [2] * 4  # the expert's row and the tail's, every step
+
+
 @pytest.mark.parametrize("amateur", ["tuned", "cut"])
 def test_greedy_contrastive_matches_the_reference_loop(llm, expert_dir, tuned_dir, cut_dir, amateur):
     """The longest prompt is prefilled in chunks of the 32-token step budget, both streams together."""

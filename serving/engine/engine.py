@@ -15,7 +15,8 @@ from counterpoint.serving.engine.model_slot import ModelSlot, load_slots, tail_s
 from counterpoint.serving.engine.hypotheses import apply_beams, apply_sampled, ends_in_stop_string, finished_beam, free
 from counterpoint.serving.engine.output_builder import build_output, record_prompt_logprobs
 from counterpoint.serving.engine.request import Request, Sequence
-from counterpoint.serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from counterpoint.serving.engine.model_runner import ModelRunner
+from counterpoint.serving.engine.scheduler import ScheduledSeq, Scheduler, SchedulerConfig, SchedulerOutput
 from counterpoint.serving.engine.outputs import RequestOutput
 from counterpoint.serving.engine.trunks import tail_name
 
@@ -180,8 +181,10 @@ class Engine:
 
     def _run_models(self, sched: SchedulerOutput) -> dict[int, torch.Tensor]:
         """Logits rows keyed by seq_id; advances each sequence's computed tokens. The served
-        models run first: they capture the trunks the tails go on from."""
-        logits, trunks = {}, {}
+        models run first: they capture the trunks the tails go on from. Models whose lm_head
+        reads the same weight (an expert and its anti-expert) get their logits in one pass: a
+        few rows cost what one does, the weight read once."""
+        trunks, heads = {}, {}
         mains, capture = self._trunk_plan(sched)
         for name, slot in self.all_slots.items():
             items = [s for s in sched.scheduled if s.seq.model == name]
@@ -190,10 +193,10 @@ class Engine:
             given = [trunks[mains[s.seq.seq_id].seq_id] for s in items] if name in self.tails else None
             rows, captured = slot.runner.execute(items, sched.block_copies.get(name, []), given, capture.get(name))
             trunks.update(captured)
-            for item, row in zip(items, rows):
+            for item in items:
                 item.seq.num_computed_tokens += item.num_new_tokens
-                logits[item.seq.seq_id] = row
-        return logits
+            heads.setdefault(slot.runner.lm_head_key(), []).append((slot.runner, items, rows))
+        return {seq_id: row for group in heads.values() for seq_id, row in _logits(group).items()}
 
     def _trunk_plan(self, sched: SchedulerOutput) -> tuple[dict[int, Sequence], dict[str, dict[int, int]]]:
         """The main sequence of each scheduled tail sequence (by seq_id), and per served model the
@@ -257,3 +260,15 @@ class Engine:
             free(hyp, self.scheduler.kv)
         request.finished += request.hypotheses
         request.hypotheses = []
+
+
+def _logits(group: list[tuple[ModelRunner, list[ScheduledSeq], list[torch.Tensor]]]) -> dict[int, torch.Tensor]:
+    """{seq_id: logits rows} of runners sharing one lm_head, from their hidden rows in one pass."""
+    hidden = [row for _, _, rows in group for row in rows]
+    logits = group[0][0].logits(torch.cat(hidden))
+    out, start = {}, 0
+    for _, items, rows in group:
+        for item, row in zip(items, rows):
+            out[item.seq.seq_id] = logits[start : start + row.shape[0]]
+            start += row.shape[0]
+    return out

@@ -37,9 +37,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq], copies: list[tuple[int, int]],
                 trunks: list[Trunk] | None = None, capture: dict[int, int] | None = None):
-        """Returns, per scheduled sequence in input order, (len(logit_positions), vocab) logits, and
-        the trunks `capture` asks for: {seq_id: layers} -> {seq_id: Trunk after that many layers}.
-        A tail runner takes `trunks`, one per scheduled sequence."""
+        """Returns, per scheduled sequence in input order, its (len(logit_positions), hidden) final
+        hidden states (`logits` turns them into logits), and the trunks `capture` asks for:
+        {seq_id: layers} -> {seq_id: Trunk after that many layers}. A tail runner takes `trunks`,
+        one per scheduled sequence."""
         self.cache.copy_blocks(copies)
         # Decodes first: the attention backend batches them together.
         order = sorted(range(len(scheduled)), key=lambda i: scheduled[i].num_new_tokens != 1)
@@ -50,12 +51,21 @@ class ModelRunner:
         flat_rows = [row for rows in logit_rows for row in rows]
         if flat_rows != list(range(hidden.shape[0])):  # NOTE: a step of decodes alone needs every row, in order
             hidden = hidden[torch.tensor(flat_rows, dtype=torch.long, device=self.device)]
-        logits = self.model.compute_logits(hidden)
         per_seq, start = [None] * len(scheduled), 0
         for i, rows in zip(order, logit_rows):
-            per_seq[i] = logits[start : start + len(rows)]
+            per_seq[i] = hidden[start : start + len(rows)]
             start += len(rows)
         return per_seq, self._trunks(batch, captured, capture or {})
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) final hidden states -> (N, vocab) float32 logits."""
+        return self.model.compute_logits(hidden)
+
+    def lm_head_key(self) -> int:
+        """Equal for runners whose models hold one lm_head (they share their ends, see trunks.py):
+        the engine runs their rows through it in one pass."""
+        return id(self.model.lm_head)
 
     def _forward(self, batch: list[ScheduledSeq], ids: list[int], positions: list[int], slots: list[int],
                  trunk: list[Trunk] | None, capture: set[int]):

@@ -36,10 +36,19 @@ def tie_trunks(models: dict[str, LlamaForCausalLM]) -> dict[tuple[str, str], int
             if k:
                 for idx in range(k):
                     models[later].layers[idx] = models[earlier].layers[idx]
+                _tie_ends(models[earlier], models[later])
                 shared[earlier, later] = shared[later, earlier] = k
                 logger.info(f"{later} shares its first {k} layers with {earlier}: held once, and run once when "
                             f"one is the other's amateur")
     return shared
+
+
+def _tie_ends(earlier: LlamaForCausalLM, later: LlamaForCausalLM) -> None:
+    """The embedding (equal, as shared layers require) and an equal lm_head are held once too: the
+    engine then runs both models' rows through that lm_head in one pass (engine._run_models)."""
+    later.embed_tokens = earlier.embed_tokens
+    if _same_tensors(earlier.lm_head, later.lm_head):
+        later.lm_head = earlier.lm_head
 
 
 def shared_layers(a: LlamaForCausalLM, b: LlamaForCausalLM) -> int:

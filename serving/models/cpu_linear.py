@@ -13,6 +13,7 @@ hold the weight twice.
 """
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -85,11 +86,17 @@ class PackedLinear(nn.Module):
 
 def pack_linears(model: nn.Module) -> int:
     """Swaps every float `nn.Linear` of a CPU model (lm_head included) for a `PackedLinear`; returns
-    how many. Quantized layers are other modules and stay as they are."""
+    how many. Quantized layers are other modules and stay as they are. A layer held by several
+    models (shared ends, see engine/trunks.py) gets one PackedLinear, whichever model is packed first."""
     count = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is nn.Linear and child.weight.dtype in _PACKABLE and child.weight.device.type == "cpu":
-                setattr(module, name, PackedLinear(child))
-                count += 1
+                if child not in _PACKED:
+                    _PACKED[child] = PackedLinear(child)
+                    count += 1
+                setattr(module, name, _PACKED[child])
     return count
+
+
+_PACKED: "weakref.WeakKeyDictionary[nn.Linear, PackedLinear]" = weakref.WeakKeyDictionary()
