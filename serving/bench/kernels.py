@@ -119,28 +119,25 @@ def _step_linears(config) -> list[tuple[int, int]]:
 
 def linear_bandwidth(args, config, dtype: torch.dtype) -> list[dict]:
     """A decode step's linear layers at `--linear-rows` rows: PackedLinear as the engine runs it (the
-    C loop up to cpu_gemv.MAX_ROWS rows where the CPU has it) against oneDNN's linear alone."""
-    layers = [PackedLinear(nn.Linear(i, o, bias=False, dtype=dtype)) for o, i in tqdm(_step_linears(config),
-                                                                                       desc="linear layers")]
-    weight_bytes = sum(layer.packed.numel() for layer in layers) * torch.finfo(dtype).bits // 8
+    C loop up to cpu_gemv.MAX_ROWS rows where the CPU has it) against oneDNN's linear on weights
+    packed for it (what PackedLinear runs where the C loop does not)."""
+    shapes = _step_linears(config)
+    layers = [PackedLinear(nn.Linear(i, o, bias=False, dtype=dtype)) for o, i in tqdm(shapes, desc="linear layers")]
+    onednn = [PackedLinear(nn.Linear(i, o, bias=False, dtype=dtype), c_loop=False) for o, i in shapes]
+    weight_bytes = sum(o * i for o, i in shapes) * torch.finfo(dtype).bits // 8
     rows_out = []
     for rows in args.linear_rows:
-        inputs = {layer.in_features: torch.randn(rows, layer.in_features, dtype=dtype) for layer in layers}
+        inputs = {i: torch.randn(rows, i, dtype=dtype) for _, i in shapes}
         row = dict(rows=rows, gemv=all(layer.gemv for layer in layers) and rows <= cpu_gemv.MAX_ROWS)
-        for name, few_rows in (("counterpoint", None), ("onednn", 0)):
-            saved = [layer.few_rows for layer in layers]
-            for layer in layers:
-                layer.few_rows = layer.few_rows if few_rows is None else few_rows
+        for name, stack in (("counterpoint", layers), ("onednn", onednn)):
             with torch.inference_mode():
-                seconds = _timed(lambda: [layer(inputs[layer.in_features]) for layer in layers], torch.device("cpu"),
+                seconds = _timed(lambda: [layer(inputs[layer.in_features]) for layer in stack], torch.device("cpu"),
                                  max(1, args.iters // 4))
-            for layer, value in zip(layers, saved):
-                layer.few_rows = value
             row |= {f"{name}_ms": seconds * 1e3, f"{name}_gb_s": weight_bytes / seconds / 1e9}
         row["vs_onednn"] = row["onednn_ms"] / row["counterpoint_ms"]
         rows_out.append(row)
         print(f"linear layers, {rows:>3} rows: counterpoint {row['counterpoint_ms']:7.2f} ms "
-              f"({row['counterpoint_gb_s']:5.1f} GB/s{', C loop' if row['gemv'] else ''}) | oneDNN alone "
+              f"({row['counterpoint_gb_s']:5.1f} GB/s{', C loop' if row['gemv'] else ''}) | oneDNN packed "
               f"{row['onednn_ms']:7.2f} ms ({row['vs_onednn']:.2f}x)", flush=True)
     return rows_out
 

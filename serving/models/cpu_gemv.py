@@ -1,10 +1,10 @@
-"""A bfloat16 linear layer for up to 64 rows on the CPU in one C call (cpu_gemv.c, built by
+"""A bfloat16 linear layer for up to 192 rows on the CPU in one C call (cpu_gemv.c, built by
 serving/native.py), where the CPU has AVX-512 BF16 dot products.
 
 A decode step multiplies a few rows by every weight once. oneDNN's linear reads the weights at
 about 25-30 GB/s there; the C loop, which prefetches the next rows of the weight, at 35-45
-(`counterpoint bench kernels --device cpu`, "linear"). From about 96 rows the multiplications
-dominate and oneDNN's GEMM is the faster one, so `PackedLinear` keeps both.
+(`counterpoint bench kernels --device cpu`, "linear"). From about 128 rows the multiplications
+dominate and oneDNN's GEMM is as fast; `PackedLinear` hands larger batches to F.linear.
 """
 
 import ctypes
@@ -17,7 +17,8 @@ from torch import nn
 from counterpoint.serving import native
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-MAX_ROWS = 64  # NOTE: 1.1-1.4x oneDNN up to 64 rows, even at 96, 0.9x from 256 (SmolLM2's layers, Zen 5)
+MAX_ROWS = 192  # NOTE: against oneDNN's packed GEMM 1.1-1.5x up to 64 rows, even at 96-128, 0.9x at 256, where
+# F.linear's unpacked oneDNN GEMM is within 3% of it (SmolLM2's layers, Zen 5)
 PAIRS, TILE = 32, 4  # the C loop's step along a row, and its block of weight rows
 
 

@@ -7,9 +7,10 @@ theirs: that is what `PackedLinear` holds. On CPUs that lack bfloat16 instructio
 bfloat16 layers keep a float32 copy and compute in float32; their inputs and outputs stay bfloat16.
 
 A few rows (a decode step) read every weight once and little else, and there a plain row-major
-copy of the weight does better: through cpu_gemv.py's C loop up to 64 rows where the CPU has
-AVX-512 BF16, else through F.linear for one row where bfloat16 computes in float32. Those layers
-hold the weight twice.
+weight does better. Where the CPU has AVX-512 BF16, bfloat16 layers hold that weight alone: up to
+cpu_gemv.MAX_ROWS rows go through cpu_gemv.py's C loop, more through F.linear (oneDNN with a
+reorder per call, within 3% of a packed weight from 256 rows, measured). Where bfloat16 computes
+in float32, one row reads the bfloat16 weight through F.linear, and those layers hold both.
 """
 
 import functools
@@ -56,25 +57,31 @@ def compute_dtype(dtype: torch.dtype, device: torch.device = torch.device("cpu")
 class PackedLinear(nn.Module):
     """An `nn.Linear` whose weight lives in oneDNN's blocked layout (inference only)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, c_loop: bool = True):
+        """c_loop=False: oneDNN's packed weight even where cpu_gemv's loop could run (a benchmark's baseline)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype(linear.weight.dtype)
+        self.gemv = c_loop and cpu_gemv.supports(linear)
         # NOTE: buffers, so that counting the model's weights counts these
-        self.register_buffer("packed", _reorder(linear.weight.detach().to(self.compute_dtype)), persistent=False)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(self.compute_dtype),
-                             persistent=False)
-        self.gemv = cpu_gemv.supports(linear)
+        if not self.gemv:
+            self.register_buffer("packed", _reorder(linear.weight.detach().to(self.compute_dtype)), persistent=False)
+            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(self.compute_dtype),
+                                 persistent=False)
         # NOTE: one row reads every weight once, so there half the bytes beat float32 products (measured)
         self.few_rows = cpu_gemv.MAX_ROWS if self.gemv else int(self.compute_dtype != linear.weight.dtype)
         if self.few_rows:
             self.register_buffer("row_weight", linear.weight.detach(), persistent=False)
             self.register_buffer("row_bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
 
+    def takes_c_loop(self, x: torch.Tensor) -> bool:
+        """Whether x's rows go through cpu_gemv's C loop."""
+        return self.gemv and 0 < x.shape[0] <= self.few_rows and not torch.is_grad_enabled()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if 0 < x.shape[0] <= self.few_rows:
-            if self.gemv and not torch.is_grad_enabled():
-                return cpu_gemv.linear(x, self.row_weight)
+        if self.takes_c_loop(x):
+            return cpu_gemv.linear(x, self.row_weight)
+        if self.gemv or 0 < x.shape[0] <= self.few_rows:
             return F.linear(x, self.row_weight, self.row_bias)
         out = torch.ops.mkldnn._linear_pointwise(x.to(self.compute_dtype).contiguous(), self.packed, self.bias,
                                                  "none", [], "")
