@@ -55,7 +55,8 @@ def compute_dtype(dtype: torch.dtype, device: torch.device = torch.device("cpu")
 
 
 class PackedLinear(nn.Module):
-    """An `nn.Linear` whose weight lives in oneDNN's blocked layout (inference only)."""
+    """An `nn.Linear` for inference on the CPU: its weight in oneDNN's blocked layout or, where
+    cpu_gemv's loop runs, row-major (see the module's docstring)."""
 
     def __init__(self, linear: nn.Linear, c_loop: bool = True):
         """c_loop=False: oneDNN's packed weight even where cpu_gemv's loop could run (a benchmark's baseline)."""
