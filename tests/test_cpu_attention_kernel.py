@@ -114,11 +114,11 @@ def test_bench_kernels_measures_the_cpu_path(llama_dir):
 
     from counterpoint.serving.bench.kernels import kernels
 
-    args = Namespace(device="cpu", allow_cpu=False, dtype="bfloat16", peak_gbs=40.0, attention_shapes=[(3, 40)],
+    args = Namespace(device="cpu", allow_cpu=False, dtype="bfloat16", peak_gbs=None, attention_shapes=[(3, 40)],
                      heads=4, kv_heads=2, head_dim=64, batch_sizes=[2], input_len=8, steps=2, iters=1,
                      model=str(llama_dir), linear_rows=[1, cpu_gemv.MAX_ROWS + 1], prefill_lens=[20])
     result = kernels(args)
-    assert result["path"] == "cpu"
+    assert result["path"] == "cpu" and result["peak_gbs"] > 0  # measured here: no --peak-gbs given
     row = result["attention"][0]
     assert row["cpu_kernel_us"] > 0 and row["torch_us"] > 0 and row["vs_torch"] > 0
     assert result["prefill"][0]["cpu_kernel_ms"] > 0 and result["prefill"][0]["torch_ms"] > 0

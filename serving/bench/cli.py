@@ -138,9 +138,9 @@ def _kernels_bench_parser(bench) -> None:
                                          "(GPU, or the CPU path)")
     k.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"], help="cache and weights")
     k.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
-    k.add_argument("--peak-gbs", type=float, default=3350.0,
-                   help="memory peak in GB/s (H100 SXM: 3350, H200: 4800; on a CPU, measure it: "
-                        "a 2-core EPYC VM read 44)")
+    k.add_argument("--peak-gbs", type=float, default=None,
+                   help="memory peak in GB/s (default: on CUDA 3350, an H100 SXM's, the H200's is 4800; on a CPU "
+                        "measured, the best of five sums over 512 MiB)")
     k.add_argument("--attention-shapes", type=_shape_pair, nargs="+", default=[(1, 32768), (16, 4096), (64, 2048)],
                    help="BATCH:CONTEXT pairs timed for decode attention")
     k.add_argument("--prefill-lens", type=positive_int, nargs="+", default=[128, 512, 2048],

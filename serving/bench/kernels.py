@@ -30,6 +30,17 @@ from counterpoint.serving.bench.workload import random_workload
 from counterpoint.serving.models import cpu_gemv
 from counterpoint.serving.models.cpu_linear import PackedLinear
 
+H100_GBS = 3350.0  # an H100 SXM's memory peak: --peak-gbs on CUDA without one
+
+
+def cpu_read_gbs() -> float:
+    """The memory bandwidth torch's threads read at: the best of five sums over 512 MiB, far larger
+    than any cache."""
+    data = torch.ones(2**27)
+    seconds = min(_timed(data.sum, torch.device("cpu"), 1) for _ in range(5))
+    return data.numel() * data.element_size() / seconds / 1e9
+
+
 def _timed(fn, device: torch.device, iters: int) -> float:
     """Mean seconds per call after one warm-up call. On CUDA the call is captured in a CUDA graph
     and replayed, as the engine's decode steps are: launched one by one from Python, a few
@@ -275,6 +286,8 @@ def kernels(args) -> dict:
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     triton = device.type == "cuda" or args.allow_cpu
     dtype = getattr(torch, args.dtype)
+    if args.peak_gbs is None:
+        args.peak_gbs = H100_GBS if device.type == "cuda" else cpu_read_gbs()
     result = dict(benchmark="kernels", device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   path="triton" if triton else "cpu", dtype=args.dtype, peak_gbs=args.peak_gbs,
                   attention=attention_bandwidth(args, device, dtype, triton),
