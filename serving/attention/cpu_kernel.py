@@ -41,6 +41,12 @@ def supports(cache: torch.Tensor) -> bool:
             and cache.shape[-1] % LANES == 0 and library() is not None)
 
 
+def _queries(q: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    """q (tokens, heads, head_dim) in the cache's dtype, heads and dims packed (rows may stay strided)."""
+    q = q.to(kv_cache.dtype)
+    return q if q.stride(2) == 1 and q.stride(1) == q.shape[2] else q.contiguous()
+
+
 class PagedDecode:
     """One step's decode batch: `attend` runs the kernel for one layer.
 
@@ -59,9 +65,7 @@ class PagedDecode:
         """q (num_seqs, num_heads, head_dim), rows possibly strided; kv_cache (2, Hkv, NB, bs, D),
         contiguous -> (num_seqs, num_heads, head_dim), in the cache's dtype."""
         num_seqs, num_heads, head_dim = q.shape
-        q = q.to(kv_cache.dtype)
-        if q.stride(2) != 1 or q.stride(1) != head_dim:
-            q = q.contiguous()
+        q = _queries(q, kv_cache)
         shape = self._shape(q, kv_cache)
         scores = torch.empty(num_seqs, num_heads, self.max_len)
         self.lib.decode_scores(ptr(q), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(scores), shape,
@@ -86,9 +90,7 @@ def prefill(q: torch.Tensor, kv_cache: torch.Tensor, table: torch.Tensor, contex
     `kv_cache`) over its first `context` tokens. q (qlen, num_heads, head_dim), rows possibly
     strided; table: the sequence's blocks -> (qlen, num_heads, head_dim), in the cache's dtype."""
     qlen, num_heads, head_dim = q.shape
-    q = q.to(kv_cache.dtype)
-    if q.stride(2) != 1 or q.stride(1) != head_dim:
-        q = q.contiguous()
+    q = _queries(q, kv_cache)
     _, num_kv_heads, num_blocks, block_size, _ = kv_cache.shape
     table = table.to(torch.int64).contiguous()
     shape = PrefillShape(qlen, context, num_heads, num_kv_heads, head_dim, num_blocks, block_size, q.stride(0),
