@@ -7,9 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from counterpoint.serving.models import cpu_gemv
-from counterpoint.serving.models.cpu_linear import PackedLinear, packing_available
+from counterpoint.serving.models.cpu_linear import PackedLinear, compute_dtype, packing_available
 
-needs_gemv = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler, or no AVX-512 BF16 on this CPU")
+needs_gemv = pytest.mark.skipif(not cpu_gemv.available(),
+                                reason="no C compiler, or neither AVX-512 BF16 nor AVX2 on this CPU")
 
 
 def bf16_linear(out_features: int, in_features: int, seed: int) -> nn.Linear:
@@ -54,6 +55,19 @@ def test_rows_may_be_a_strided_view():
 
 
 @needs_gemv
+@torch.inference_mode()
+def test_infinities_and_nans_come_out_as_torch_rounds_them():
+    """inf·0 is NaN and rounds to a NaN, not to an infinity; an overflow to inf stays inf."""
+    weight = torch.zeros(8, 32, dtype=torch.bfloat16)
+    weight[4:, 0] = 1
+    x = torch.zeros(2, 32, dtype=torch.bfloat16)
+    x[0, 0] = float("inf")
+    out, expected = cpu_gemv.linear(x, weight), F.linear(x.float(), weight.float()).to(torch.bfloat16)
+    assert torch.equal(out.isnan(), expected.isnan()) and out.isnan().any()
+    assert torch.equal(out.nan_to_num(0), expected.nan_to_num(0))
+
+
+@needs_gemv
 def test_supports_only_the_layers_it_can_read():
     assert cpu_gemv.supports(bf16_linear(8, 64, 0))
     assert not cpu_gemv.supports(nn.Linear(64, 8, bias=True, dtype=torch.bfloat16))
@@ -65,18 +79,26 @@ def test_supports_only_the_layers_it_can_read():
 @needs_gemv
 @pytest.mark.skipif(not packing_available(), reason="this torch has no oneDNN linear")
 @torch.inference_mode()
-def test_packed_linear_takes_the_c_loop_up_to_max_rows_then_f_linear():
-    """One copy of the weight, row-major: the C loop for few rows, F.linear beyond; oneDNN's packed
-    copy only when asked (c_loop=False) or where the loop cannot run."""
+def test_packed_linear_takes_the_c_loop_up_to_max_rows_then_a_gemm():
+    """The C loop for few rows, on the row-major weight. Beyond, where oneDNN multiplies bfloat16
+    natively, F.linear on that same weight (one copy); where it would emulate bfloat16 (AVX2),
+    oneDNN on a packed float32 copy. oneDNN's packed weight is also held when asked (c_loop=False)."""
     linear = bf16_linear(96, 64, 1)
     layer = PackedLinear(linear)
-    assert layer.gemv and not hasattr(layer, "packed")
-    few = torch.randn(cpu_gemv.MAX_ROWS, 64, dtype=torch.bfloat16)
+    native = compute_dtype(torch.bfloat16) == torch.bfloat16
+    assert layer.gemv and (layer.packed is None) == native
+    few = torch.randn(cpu_gemv.max_rows(), 64, dtype=torch.bfloat16)
     assert torch.equal(layer(few), cpu_gemv.linear(few, linear.weight))
-    many = torch.randn(cpu_gemv.MAX_ROWS + 1, 64, dtype=torch.bfloat16)
-    assert torch.equal(layer(many), F.linear(many, linear.weight))
+    many = torch.randn(cpu_gemv.max_rows() + 1, 64, dtype=torch.bfloat16)
+    if native:
+        assert torch.equal(layer(many), F.linear(many, linear.weight))
+    else:
+        onednn = torch.ops.mkldnn._linear_pointwise(many.float(), layer.packed, None, "none", [], "")
+        assert torch.equal(layer(many), onednn.to(torch.bfloat16))
     packed = PackedLinear(linear, c_loop=False)
     assert not packed.gemv
-    onednn = torch.ops.mkldnn._linear_pointwise(few, packed.packed, None, "none", [], "")
-    assert torch.equal(packed(few), onednn)
+    onednn = torch.ops.mkldnn._linear_pointwise(few.to(packed.compute_dtype), packed.packed, None, "none", [], "")
+    assert torch.equal(packed(few), onednn.to(torch.bfloat16))
     assert_within_one_rounding(packed(few), few, linear.weight)
+
+

@@ -130,7 +130,7 @@ def _step_linears(config) -> list[tuple[int, int]]:
 
 def linear_bandwidth(args, config, dtype: torch.dtype) -> list[dict]:
     """A decode step's linear layers at `--linear-rows` rows: PackedLinear as the engine runs it (the
-    C loop up to cpu_gemv.MAX_ROWS rows where the CPU has it) against oneDNN's linear on weights
+    C loop up to cpu_gemv.max_rows() rows where the CPU has it) against oneDNN's linear on weights
     packed for it (what PackedLinear runs where the C loop does not)."""
     shapes = _step_linears(config)
     layers = [PackedLinear(nn.Linear(i, o, bias=False, dtype=dtype)) for o, i in tqdm(shapes, desc="linear layers")]
@@ -139,7 +139,7 @@ def linear_bandwidth(args, config, dtype: torch.dtype) -> list[dict]:
     rows_out = []
     for rows in args.linear_rows:
         inputs = {i: torch.randn(rows, i, dtype=dtype) for _, i in shapes}
-        row = dict(rows=rows, gemv=all(layer.gemv for layer in layers) and rows <= cpu_gemv.MAX_ROWS)
+        row = dict(rows=rows, gemv=all(layer.gemv for layer in layers) and rows <= cpu_gemv.max_rows())
         for name, stack in (("counterpoint", layers), ("onednn", onednn)):
             with torch.inference_mode():
                 seconds = _timed(lambda: [layer(inputs[layer.in_features]) for layer in stack], torch.device("cpu"),

@@ -1,10 +1,12 @@
-"""A bfloat16 linear layer for up to 192 rows on the CPU in one C call (cpu_gemv.c, built by
-serving/native.py), where the CPU has AVX-512 BF16 dot products.
+"""A bfloat16 linear layer for a few rows on the CPU in one C call (cpu_gemv.c, built by
+serving/native.py), where the CPU has AVX-512 BF16 dot products or, failing those, AVX2 and FMA.
 
-A decode step multiplies a few rows by every weight once. oneDNN's linear reads the weights at
-about 25-30 GB/s there; the C loop, which prefetches the next rows of the weight, at 35-45
-(`counterpoint bench kernels --device cpu`, "linear"). From about 128 rows the multiplications
-dominate and oneDNN's GEMM is as fast; `PackedLinear` hands larger batches to F.linear.
+A decode step multiplies a few rows by every weight once, so it is bound by reading the weights.
+With AVX-512 BF16 oneDNN's linear reads them at about 25-30 GB/s and the C loop at 35-45; from
+about 128 rows the multiplications dominate and oneDNN's GEMM is as fast. With AVX2 alone, oneDNN
+would emulate bfloat16, so `PackedLinear` multiplies a float32 copy there, which is twice the
+bytes to read; the C loop reads the bfloat16 weight and widens it in registers: 1.4-2.4x faster
+up to 16 rows, even from about 32 (`counterpoint bench kernels --device cpu`, "linear").
 """
 
 import ctypes
@@ -17,22 +19,31 @@ from torch import nn
 from counterpoint.serving import native
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
-MAX_ROWS = 192  # NOTE: against oneDNN's packed GEMM 1.1-1.5x up to 64 rows, even at 96-128, 0.9x at 256, where
+AVX2, AVX512_BF16 = 1, 2  # what the built library reports
+# NOTE: AVX-512 BF16: against oneDNN's packed GEMM 1.1-1.5x up to 64 rows, even at 96-128, 0.9x at 256, where
 # F.linear's unpacked oneDNN GEMM is within 3% of it (SmolLM2's layers, Zen 5)
+# AVX2: 1.06x at 32 rows, 0.96x at 64 (Zen 2)
+MAX_ROWS = {AVX512_BF16: 192, AVX2: 32}
 PAIRS, TILE = 32, 4  # the C loop's step along a row, and its block of weight rows
 
 
 @functools.cache
-def available() -> bool:
+def available() -> int:
+    """The instruction set the C loop was built for (AVX512_BF16 or AVX2), 0 where it cannot run."""
     lib = native.load(SOURCE)
-    return lib is not None and bool(lib.available())
+    return 0 if lib is None else lib.available()
+
+
+def max_rows() -> int:
+    """The most rows the C loop takes; 0 where it cannot run."""
+    return MAX_ROWS.get(available(), 0)
 
 
 def supports(linear: nn.Linear) -> bool:
     """A CPU bfloat16 layer without bias, in_features a multiple of 32, out_features of 4."""
     w = linear.weight
     return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and linear.bias is None and w.dim() == 2
-            and w.shape[1] % PAIRS == 0 and w.shape[0] % TILE == 0 and available())
+            and w.shape[1] % PAIRS == 0 and w.shape[0] % TILE == 0 and bool(available()))
 
 
 @functools.cache

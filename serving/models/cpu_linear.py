@@ -7,10 +7,12 @@ theirs: that is what `PackedLinear` holds. On CPUs that lack bfloat16 instructio
 bfloat16 layers keep a float32 copy and compute in float32; their inputs and outputs stay bfloat16.
 
 A few rows (a decode step) read every weight once and little else, and there a plain row-major
-weight does better. Where the CPU has AVX-512 BF16, bfloat16 layers hold that weight alone: up to
-cpu_gemv.MAX_ROWS rows go through cpu_gemv.py's C loop, more through F.linear (oneDNN with a
-reorder per call, within 3% of a packed weight from 256 rows, measured). Where bfloat16 computes
-in float32, one row reads the bfloat16 weight through F.linear, and those layers hold both.
+bfloat16 weight does better: up to cpu_gemv.max_rows() rows go through cpu_gemv.py's C loop.
+- With AVX-512 BF16, bfloat16 layers hold that weight alone: more rows go through F.linear
+  (oneDNN with a reorder per call, within 3% of a packed weight from 256 rows, measured).
+- With AVX2 alone, they hold both: more rows go through the packed float32 copy.
+- Without the C loop (no compiler, or neither instruction set), one row reads the bfloat16 weight
+  through F.linear where bfloat16 computes in float32, and more rows the packed copy.
 """
 
 import functools
@@ -64,13 +66,15 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.compute_dtype = compute_dtype(linear.weight.dtype)
         self.gemv = c_loop and cpu_gemv.supports(linear)
+        native = self.compute_dtype == linear.weight.dtype
         # NOTE: buffers, so that counting the model's weights counts these
-        if not self.gemv:
-            self.register_buffer("packed", _reorder(linear.weight.detach().to(self.compute_dtype)), persistent=False)
-            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(self.compute_dtype),
-                                 persistent=False)
+        self.register_buffer("packed", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+        if not (self.gemv and native):
+            self.packed = _reorder(linear.weight.detach().to(self.compute_dtype))
+            self.bias = None if linear.bias is None else linear.bias.detach().to(self.compute_dtype)
         # NOTE: one row reads every weight once, so there half the bytes beat float32 products (measured)
-        self.few_rows = cpu_gemv.MAX_ROWS if self.gemv else int(self.compute_dtype != linear.weight.dtype)
+        self.few_rows = cpu_gemv.max_rows() if self.gemv else int(not native)
         if self.few_rows:
             self.register_buffer("row_weight", linear.weight.detach(), persistent=False)
             self.register_buffer("row_bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
@@ -82,7 +86,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.takes_c_loop(x):
             return cpu_gemv.linear(x, self.row_weight)
-        if self.gemv or 0 < x.shape[0] <= self.few_rows:
+        if self.packed is None or 0 < x.shape[0] <= self.few_rows:
             return F.linear(x, self.row_weight, self.row_bias)
         out = torch.ops.mkldnn._linear_pointwise(x.to(self.compute_dtype).contiguous(), self.packed, self.bias,
                                                  "none", [], "")
