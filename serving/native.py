@@ -1,5 +1,5 @@
-"""The CPU path's small C libraries (paged_attention.c, cpu_norm.c, cpu_gemv.c): built once per CPU,
-loaded through ctypes.
+"""The CPU path's small C libraries (paged_attention.c, cpu_norm.c, cpu_gemv.c, and cpu_step.c, which
+strings them together): built once per CPU, loaded through ctypes.
 
 They are plain C (GCC vector extensions and OpenMP, no torch headers), so the system C compiler
 builds each in under a second, for the CPU at hand (`-march=native`), into the cache directory;
@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -40,32 +41,47 @@ def _cpu_key() -> str:
     return "\n".join(lines) + platform.machine()
 
 
-def _build(compiler: str, source: Path, out: Path) -> None:
+def _build(compiler: str, sources: tuple[Path, ...], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # NOTE: built aside, then renamed: no half-written file
         target = Path(tmp) / out.name
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(target)], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, *map(str, sources), "-o", str(target)], check=True, capture_output=True,
+                       text=True)
         os.replace(target, out)
 
 
+def _with_headers(sources: tuple[Path, ...]) -> list[Path]:
+    """The sources and every local header they include (`#include "..."`), transitively: what a build reads."""
+    files, todo = [], list(sources)
+    while todo:
+        path = todo.pop(0).resolve()
+        if path not in files:
+            files.append(path)
+            todo += [path.parent / name for name in re.findall(r'#include "([^"]+)"', path.read_text())]
+    return files
+
+
 @functools.cache
-def load(source: Path) -> ctypes.CDLL | None:
-    """The library built from `source`, or None (no compiler, the build failed, or it is turned off)."""
+def load(*sources: Path) -> ctypes.CDLL | None:
+    """The library built from `sources` (C files), or None (no compiler, the build failed, or it is
+    turned off). Each function they export is in it, and static ones stay private to their file."""
+    name = sources[0].name
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: %s is not built and the slower torch path runs instead", source.name)
+        logger.warning("no C compiler found: %s is not built and the slower torch path runs instead", name)
         return None
-    key = hashlib.sha256(source.read_bytes() + " ".join([compiler, *FLAGS]).encode() + _cpu_key().encode())
-    path = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
+    read = b"".join(path.read_bytes() for path in _with_headers(sources))
+    key = hashlib.sha256(read + " ".join([compiler, *FLAGS]).encode() + _cpu_key().encode())
+    path = cache_dir() / "kernels" / f"{sources[0].stem}-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
-            _build(compiler, source, path)
+            _build(compiler, sources, path)
         return ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or e
-        logger.warning("could not build %s (%s): the torch path runs instead", source.name, detail)
+        logger.warning("could not build %s (%s): the torch path runs instead", name, detail)
         return None
 
 

@@ -16,41 +16,10 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16 /* floats per vector: one AVX-512 register, two AVX2 ones (GCC vector extensions) */
-#define AHEAD 2  /* blocks fetched ahead: they lie anywhere, so the hardware cannot guess the next */
+#include "../native_vec.h"
+#include "paged_attention.h"
 
-typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
-typedef uint32_t vuint __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef uint16_t vhalf __attribute__((vector_size(LANES * sizeof(uint16_t))));
-
-typedef struct {
-    int64_t num_seqs, num_heads, num_kv_heads, head_dim, num_blocks, block_size;
-    int64_t q_stride;     /* elements between two sequences' queries (heads and dims are packed) */
-    int64_t table_stride; /* entries between two rows of the block table */
-    int64_t max_len;      /* the scores' last dimension */
-    int64_t elem_size;    /* 2: bfloat16, 4: float32 */
-} Shape;
-
-/* n / LANES vectors from a row of n bfloat16 or float32 values (n a multiple of LANES) */
-static inline void load_row(const void *src, vfloat *dst, int64_t n, int64_t elem_size) {
-    for (int64_t c = 0; c < n / LANES; c++) {
-        if (elem_size == 4) {
-            memcpy(&dst[c], (const float *)src + c * LANES, sizeof(vfloat));
-        } else {
-            vhalf half;
-            memcpy(&half, (const uint16_t *)src + c * LANES, sizeof half);
-            dst[c] = (vfloat)(__builtin_convertvector(half, vuint) << 16); /* bfloat16 = a float's top half */
-        }
-    }
-}
-
-static inline uint16_t to_bf16(float x) {
-    uint32_t bits;
-    memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40u); /* NaN stays NaN */
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(bits >> 16);
-}
+#define AHEAD 2 /* blocks fetched ahead: they lie anywhere, so the hardware cannot guess the next */
 
 static inline void store_row(const vfloat *src, void *dst, int64_t n, int64_t elem_size) {
     const float *x = (const float *)src;
@@ -60,13 +29,6 @@ static inline void store_row(const vfloat *src, void *dst, int64_t n, int64_t el
         else
             ((uint16_t *)dst)[i] = to_bf16(x[i]);
     }
-}
-
-static inline float sum_lanes(vfloat v) { /* a halving tree: 4 adds deep, not 16 */
-    v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);
-    v += __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1);
-    return v[0] + v[1];
 }
 
 static inline float dot(const vfloat *a, const vfloat *b, int64_t chunks) {
@@ -176,43 +138,12 @@ void decode_values(const float *probs, const char *kv, const int64_t *tables, co
 
 #define QBLOCK 32 /* query tokens per task */
 
-typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
-
 typedef struct {
     int64_t qlen, context, num_heads, num_kv_heads, head_dim, num_blocks, block_size;
     int64_t q_stride;  /* elements between two tokens' queries (heads and dims are packed) */
     int64_t elem_size; /* 2: bfloat16, 4: float32 */
 } PrefillShape;
 
-static inline vfloat select(vint mask, vfloat a, vfloat b) { return (vfloat)(((vint)a & mask) | ((vint)b & ~mask)); }
-
-static inline vfloat vmax(vfloat a, vfloat b) { return select(a > b, a, b); }
-
-static inline float max_lanes(vfloat v) { /* a halving tree, as sum_lanes */
-    v = vmax(v, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    v = vmax(v, __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3));
-    v = vmax(v, __builtin_shufflevector(v, v, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1));
-    return v[0] > v[1] ? v[0] : v[1];
-}
-
-/* e^x for x <= 0, as 2^n e^f with x = n ln 2 + f, |f| <= ln 2 / 2 (7th-degree Taylor: < 1 ulp);
- * 0 below -87 and for -inf */
-static inline vfloat exp_neg(vfloat x) {
-    const vint under = x < -87.0f;
-    x = select(under, (vfloat){0} - 87.0f, x);
-    const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest */
-    const vfloat f = (x - n * 0.693359375f) + n * 2.12194440e-4f;            /* ln 2 in two parts */
-    vfloat p = (vfloat){0} + 1.0f / 5040;
-    p = p * f + 1.0f / 720;
-    p = p * f + 1.0f / 120;
-    p = p * f + 1.0f / 24;
-    p = p * f + 1.0f / 6;
-    p = p * f + 0.5f;
-    p = p * f + 1.0f;
-    p = p * f + 1.0f;
-    const vint two_n = (__builtin_convertvector(n, vint) + 127) << 23;
-    return (vfloat)((vint)(p * (vfloat)two_n) & ~under);
-}
 
 /* the keys (transposed: kt[d][j]) and values (vv[j]) of positions t0 .. t0 + LANES - 1, zero past n */
 static inline void load_tile(const PrefillShape *sh, const char *k_plane, const char *v_plane, const int64_t *table,
@@ -253,7 +184,7 @@ TASK rows_tile(const vfloat *qs, vfloat *acc, float *m, float *l, const int64_t 
     for (int j = 0; j < LANES; j++) iota[j] = (int32_t)(t0 + j);
     vfloat p[RBLOCK];
     for (int i = 0; i < rb; i++) {
-        const vfloat scores = select(iota <= (int32_t)pos[i], s[i][0] + s[i][1], (vfloat){0} - INFINITY);
+        const vfloat scores = vselect(iota <= (int32_t)pos[i], s[i][0] + s[i][1], (vfloat){0} - INFINITY);
         const float top = max_lanes(scores);
         if (top > m[i]) { /* NOTE: a new running max rescales what came before; most tiles keep it */
             const float correction = exp_neg((vfloat){0} + (m[i] - top))[0];

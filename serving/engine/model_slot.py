@@ -17,6 +17,7 @@ from counterpoint.serving.attention.cuda_graphs import default_batch_sizes
 from counterpoint.serving.engine.kv_manager import KVManager
 from counterpoint.serving.engine.model_runner import ModelRunner
 from counterpoint.serving.engine.trunks import tie_trunks
+from counterpoint.serving.models import cpu_step
 from counterpoint.serving.models.cpu_linear import pack_linears, packing_available
 from counterpoint.serving.models.gguf_file import config_dir
 from counterpoint.serving.models.loader import load_model, read_hf_config, resolve_dtype
@@ -110,6 +111,7 @@ def _runner(name: str, model: LlamaForCausalLM, cache: KVCache, config: EngineCo
         model.make_batch_invariant()
     elif config.torch_device.type == "cpu" and packing_available():
         pack_linears(model)  # NOTE: layers tied to an earlier model's are packed already, and skipped
+        model.decode_layers = cpu_step.DecodeLayers(model) if cpu_step.supports(model) else None
     runner = ModelRunner(model, cache, backend, config.torch_device)
     if config.uses_cuda_graphs:
         sizes = default_batch_sizes(config.max_num_seqs, config.cuda_graph_max_batch_size)

@@ -142,6 +142,7 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
         self.init_rope(max_positions)
         self.triton_rotary = False
+        self.decode_layers = None  # the C decode step (cpu_step.DecodeLayers), set where it applies
 
     def use_triton_kernels(self) -> None:
         """Fused RMSNorm and in-place rotary from kernels/ (the GPU path)."""
@@ -179,12 +180,21 @@ class LlamaForCausalLM(nn.Module):
         Returns the (T, hidden) final hidden states and, for each k in `capture`, the stream
         (x, residual) after the first k layers: the trunk a model sharing those layers goes on from.
         """
-        rope = Rotary(positions, self.cos_sin, x.dtype, self.triton_rotary)
-        captured = {}
-        for idx in range(first, len(self.layers)):
-            x, residual = self.layers[idx](x, residual, rope, ctx)
-            if idx + 1 in capture:  # NOTE: cloned, as the fused GPU norm updates its inputs in place
-                captured[idx + 1] = (x.clone(), residual.clone())
+        native = self.decode_layers is not None and self.decode_layers.takes(x, ctx)
+        if native:
+            x, residual = self.decode_layers.stream(x, residual)
+        else:
+            rope = Rotary(positions, self.cos_sin, x.dtype, self.triton_rotary)
+        captured, start = {}, first
+        for stop in sorted({k for k in capture if k > first} | {len(self.layers)}):
+            if native:
+                self.decode_layers.run(x, residual, positions, ctx, start, stop)
+            else:
+                for idx in range(start, stop):
+                    x, residual = self.layers[idx](x, residual, rope, ctx)
+            if stop in capture:  # NOTE: cloned, as the fused GPU norm and the C step update their inputs in place
+                captured[stop] = (x.clone(), residual.clone())
+            start = stop
         x, _ = self.norm(x, residual)
         return x, captured
 
