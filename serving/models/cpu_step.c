@@ -46,16 +46,15 @@ static inline float bf16_value(uint16_t h) {
 
 static inline float rounded(float x) { return bf16_value(to_bf16(x)); }
 
-/* Rotate-half rotary on one head (in place), as transformers in bfloat16: cos and sin rounded to
- * bfloat16, then x·cos and rotate_half(x)·sin each rounded, then their sum. */
-static void rotate(uint16_t *x, const float *cos_sin, int64_t head_dim) {
+/* Rotate-half rotary on one head (in place), as transformers in bfloat16: x·cos and
+ * rotate_half(x)·sin each rounded, then their sum; cos and sin already rounded to bfloat16. */
+static void rotate(uint16_t *x, const float *cos, const float *sin, int64_t head_dim) {
     const int64_t half = head_dim / 2;
     float in[head_dim];
     for (int64_t i = 0; i < head_dim; i++) in[i] = bf16_value(x[i]);
     for (int64_t i = 0; i < head_dim; i++) {
-        const float c = rounded(cos_sin[i % half]), s = rounded(cos_sin[half + i % half]);
         const float turned = i < half ? -in[i + half] : in[i - half];
-        x[i] = to_bf16(rounded(in[i] * c) + rounded(turned * s));
+        x[i] = to_bf16(rounded(in[i] * cos[i % half]) + rounded(turned * sin[i % half]));
     }
 }
 
@@ -67,7 +66,9 @@ static void rotate_and_store(uint16_t *qkv, char *kv, const StepShape *sh, const
     uint16_t *cache = (uint16_t *)kv;
     for (int64_t r = 0; r < sh->rows; r++) {
         uint16_t *row = qkv + r * width;
-        for (int64_t h = 0; h < sh->num_heads + sh->num_kv_heads; h++) rotate(row + h * d, cos_sin + positions[r] * d, d);
+        float cs[d]; /* the row's position's cos then sin, rounded once for all its heads */
+        for (int64_t i = 0; i < d; i++) cs[i] = rounded(cos_sin[positions[r] * d + i]);
+        for (int64_t h = 0; h < sh->num_heads + sh->num_kv_heads; h++) rotate(row + h * d, cs, cs + d / 2, d);
         const int64_t at = slots[r] * d; /* slot = block * block_size + offset: a row of the (blocks, block, d) plane */
         for (int64_t h = 0; h < sh->num_kv_heads; h++) {
             memcpy(cache + h * plane + at, row + (sh->num_heads + h) * d, d * sizeof(uint16_t));
