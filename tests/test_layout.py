@@ -128,3 +128,14 @@ def test_every_module_imports_cleanly():
     proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
+
+
+def test_the_top_level_folders_shadow_no_installed_package():
+    """`python -m` puts the working directory first on sys.path, so from the repo root the folders are
+    top-level names too. kernels/ is a namespace folder (no __init__.py) because transformers imports
+    Hugging Face's `kernels` package, and a regular package here would be found first and break it."""
+    code = "from transformers.models.llama import modeling_llama\nimport importlib.util\n" \
+           "print(importlib.util.find_spec('kernels') and importlib.util.find_spec('kernels').origin)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not proc.stdout.strip().startswith(str(REPO)), proc.stdout

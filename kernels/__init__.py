@@ -1,1 +1,0 @@
-"""Triton kernels for the GPU path, each with a torch reference (issue: Triton kernels)."""
