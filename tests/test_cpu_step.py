@@ -103,9 +103,9 @@ def test_applies_only_where_the_c_call_computes_what_the_layers_would(model_fact
 @needs_step
 def test_more_rows_than_the_c_loop_takes_go_layer_by_layer(model_factory, monkeypatch):
     model_dir = model_factory("llama", dtype=torch.bfloat16)
-    llm = LLM(str(model_dir), dtype="bfloat16", show_progress=False, max_num_seqs=64)
-    record = both_paths(monkeypatch)
     many = cpu_gemv.max_rows() + 1
+    llm = LLM(str(model_dir), dtype="bfloat16", show_progress=False, max_num_seqs=many)
+    record = both_paths(monkeypatch)
     outs = llm.generate([[7, i + 10] for i in range(many)], SamplingParams(max_tokens=3, temperature=0.0,
                                                                          ignore_eos=True), use_tqdm=False)
     assert len(outs) == many and all(len(out.outputs[0].token_ids) == 3 for out in outs)
