@@ -32,7 +32,7 @@ def assert_within_one_rounding(out: torch.Tensor, x: torch.Tensor, weight: torch
 
 @needs_gemv
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 33, 130])
-@pytest.mark.parametrize("out_features,in_features", [(8, 32), (960, 576), (576, 1536)])
+@pytest.mark.parametrize("out_features,in_features", [(8, 32), (48, 64), (960, 576), (576, 1536)])
 @torch.inference_mode()
 def test_matches_a_float32_product_rounded_to_bfloat16(rows, out_features, in_features):
     linear = bf16_linear(out_features, in_features, rows)

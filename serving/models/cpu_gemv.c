@@ -55,11 +55,9 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
         _mm_storel_epi64((__m128i *)(y + r * out), (__m128i)_mm_cvtneps_pbh(sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3])));
 }
 
-int available(void) { return 2; }
-
-/* x rows lie x_stride elements apart; y is (rows, out), contiguous */
-void linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows, int64_t out, int64_t in,
-                 int64_t x_stride) {
+/* one VDPBF16PS pass over the weights: 4 weight rows at a time with every input row */
+static void linear_dot(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows, int64_t out, int64_t in,
+                       int64_t x_stride) {
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o += TILE) {
         for (int64_t r = 0; r < rows; r += TILE) {
@@ -74,6 +72,26 @@ void linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows
         }
     }
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include "cpu_amx.h"
+
+int available(void) { return amx_usable() ? 3 : 2; }
+
+/* x rows lie x_stride elements apart; y is (rows, out), contiguous */
+void linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows, int64_t out, int64_t in,
+                 int64_t x_stride) {
+    if (rows >= AMX_ROWS && out % 16 == 0 && amx_usable()) linear_amx(w, x, y, rows, out, in, x_stride);
+    else linear_dot(w, x, y, rows, out, in, x_stride);
+}
+#else
+int available(void) { return 2; }
+
+void linear_bf16(const uint16_t *w, const uint16_t *x, uint16_t *y, int64_t rows, int64_t out, int64_t in,
+                 int64_t x_stride) {
+    linear_dot(w, x, y, rows, out, in, x_stride);
+}
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <stdlib.h>
