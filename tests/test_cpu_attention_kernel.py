@@ -87,6 +87,31 @@ def test_backend_kernel_agrees_with_its_gather_path():
     torch.testing.assert_close(run(True), run(False), atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("cached", [0, 37])
+def test_backend_prefill_of_a_long_bf16_chunk_matches_reference(cached):
+    """A bfloat16 chunk of SDPA_TOKENS new tokens, the first of its sequence or after cached ones:
+    where the CPU has AMX the backend hands it to scaled_dot_product_attention, elsewhere to the
+    kernel; either way the same layer as the reference computes from the cache."""
+    num_heads, num_kv_heads, head_dim, bs = 9, 3, 64, 16
+    qlen = cpu_kernel.SDPA_TOKENS
+    context = cached + qlen
+    num_blocks = -(-context // bs)
+    cache = KVCache(1, num_blocks + 3, bs, num_kv_heads, head_dim, torch.bfloat16, torch.device("cpu"))
+    cache.data.normal_()
+    tables = torch.randperm(num_blocks + 3)[None, :num_blocks]
+    positions = torch.arange(cached, context)
+    slots = tables[0, positions // bs] * bs + positions % bs
+    meta = AttentionMetadata(slots, tables, [qlen], [context], 0, bs)
+    q, k, v = (torch.randn(qlen, h, head_dim).to(torch.bfloat16) for h in (num_heads, num_kv_heads, num_kv_heads))
+    backend = TorchAttention(head_dim**-0.5)
+    backend.prepare(meta, cache)
+    got = backend.attend(0, q, k, v)
+    expected = ref.paged_prefill(q.float(), cache.layer(0).float(), tables, torch.tensor([0]), torch.tensor([qlen]),
+                                 torch.tensor([context]), head_dim**-0.5)
+    torch.testing.assert_close(got.float(), expected, atol=1e-2, rtol=1e-2)
+
+
 def test_without_a_compiler_the_engine_falls_back_and_still_matches(llama_dir, tmp_path, monkeypatch, caplog):
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     prompts = [[5, 17, 33, 100, 7], list(range(40, 70))]

@@ -1,6 +1,6 @@
 """The CPU attention path: decodes batched, through the paged-decode kernel (cpu_kernel.py) or, without
 it, in plain torch over a gathered, padded tile; prefill chunks one sequence at a time, through the
-prefill kernel or, without it, scaled_dot_product_attention."""
+prefill kernel or, without it or where it is slower (cpu_kernel.prefers_sdpa), scaled_dot_product_attention."""
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +36,13 @@ class TorchAttention(AttentionBackend):
             lens = torch.tensor(meta.context_lens[:n], device=meta.block_tables.device)
             is_pad = torch.arange(num_blocks * bs, device=lens.device) >= lens[:, None]  # (Bd, L)
             self.decode_bias = torch.zeros(is_pad.shape, device=lens.device).masked_fill(is_pad, -float("inf"))
+        dtype = cache.data.dtype
+        self.prefill_kernel = [self.kernel and not cpu_kernel.prefers_sdpa(dtype, qlen) for qlen in meta.query_lens[n:]]
         # NOTE: without the kernel, a chunk with no earlier context attends to its own keys alone: no table
         self.prefill_tables = [
-            meta.block_tables[i, : -(-context // bs)] if context > qlen or self.kernel else None
-            for i, (context, qlen) in enumerate(zip(meta.context_lens[n:], meta.query_lens[n:]), start=n)
+            meta.block_tables[i, : -(-context // bs)] if context > qlen or kernel else None
+            for i, (context, qlen, kernel) in enumerate(
+                zip(meta.context_lens[n:], meta.query_lens[n:], self.prefill_kernel), start=n)
         ]
 
     def attend(self, layer_idx, q, k, v):
@@ -55,7 +58,8 @@ class TorchAttention(AttentionBackend):
         for i, table in enumerate(self.prefill_tables):
             end = start + self.meta.query_lens[n + i]
             context = self.meta.context_lens[n + i]
-            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], table, context, kv_cache)
+            out[start:end] = self._prefill(q[start:end], k[start:end], v[start:end], table, context, kv_cache,
+                                           self.prefill_kernel[i])
             start = end
         return out
 
@@ -72,8 +76,8 @@ class TorchAttention(AttentionBackend):
         out = torch.matmul(probs, values)  # (Hkv, Bd, G, D)
         return out.transpose(0, 1).reshape(num_seqs, num_heads, head_dim).to(gathered.dtype)
 
-    def _prefill(self, q, k, v, table, context, kv_cache):
-        if self.kernel:
+    def _prefill(self, q, k, v, table, context, kv_cache, kernel):
+        if kernel:
             return cpu_kernel.prefill(q, kv_cache, table, context, self.scale).to(q.dtype)
         qlen = q.shape[0]
         if table is None:

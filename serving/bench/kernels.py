@@ -5,7 +5,8 @@
    CUDA the kernel is the Triton backend's (paged decode and KV store); on the CPU it is the C
    decode kernel of the torch backend, against that backend's gather path.
 2. Prefill attention of one prompt of each `--prefill-lens` length (KV store and causal attention),
-   the kernel against the torch path (scaled_dot_product_attention).
+   the kernel against the torch path (scaled_dot_product_attention). On a CPU with AMX, bfloat16
+   prompts from 128 tokens take scaled_dot_product_attention in both (cpu_kernel.prefers_sdpa).
 3. On the CPU, the linear layers of a decode step: every weight of the model multiplied by a few
    rows, through the C loop for few rows (cpu_gemv.c) and through oneDNN's packed linear alone,
    in GB/s of weights read.
