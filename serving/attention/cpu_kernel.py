@@ -69,7 +69,7 @@ class PagedDecode:
         self.lib = library()
         self.tables = tables.to(torch.int64).contiguous()
         self.lens = torch.tensor(lens, dtype=torch.int32)
-        self.max_len = max(lens)
+        self.max_len = -(-max(lens) // LANES) * LANES  # the scratch scores' rows: whole vectors
         self.scale = ctypes.c_float(scale)
         self.shape: Shape | None = None  # NOTE: every layer of the step has the same; made at the first
 
@@ -79,12 +79,10 @@ class PagedDecode:
         num_seqs, num_heads, head_dim = q.shape
         q = _queries(q, kv_cache)
         shape = self._shape(q, kv_cache)
-        scores = torch.empty(num_seqs, num_heads, self.max_len)
-        self.lib.decode_scores(ptr(q), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(scores), shape,
-                               self.scale)
-        probs = torch.softmax(scores, dim=-1)
+        scores = torch.empty(num_seqs, num_heads, self.max_len)  # NOTE: scratch; torch aligns it to 64 bytes
         out = torch.empty(num_seqs, num_heads, head_dim, dtype=q.dtype)
-        self.lib.decode_values(ptr(probs), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(out), shape)
+        self.lib.decode_attention(ptr(q), ptr(kv_cache), ptr(self.tables), ptr(self.lens), ptr(scores), ptr(out),
+                                  shape, self.scale)
         return out
 
     def _shape(self, q: torch.Tensor, kv_cache: torch.Tensor):

@@ -1,11 +1,11 @@
 /* Attention over the paged KV cache on the CPU, read in place through the block tables (no
  * gathered copy). The cache of one layer is (2, kv_heads, num_blocks, block_size, head_dim): K, then V.
  *
- * Decode, in two passes around a softmax left to torch: each sequence has one query token, and
- * its keys are read once per kv head for all the query heads that share it (GQA).
+ * Decode: each sequence has one query token; a task is one (sequence, kv head), whose keys and
+ * values are read once for all the query heads that share them (GQA).
  *
  *   scores:  S[s, h, t] = scale * q[s, h] . K[s, kv(h), t]   for t < len[s], -inf after
- *   values:  out[s, h]  = sum_t P[s, h, t] * V[s, kv(h), t]   (P = softmax(S), by torch)
+ *   values:  out[s, h]  = sum_t P[s, h, t] * V[s, kv(h), t]   (P = softmax(S))
  *
  * Scores, probabilities and sums are float32; K, V, q and out are bfloat16 or float32 (elem_size 2
  * or 4). head_dim must be a multiple of 16. Built by cpu_kernel.py for the CPU it runs on.
@@ -47,38 +47,81 @@ static inline const char *tile(const char *plane, const int64_t *table, int64_t 
 
 #define TASK static inline __attribute__((always_inline)) void
 
-/* One (sequence, kv head) of the scores pass. */
-TASK scores_task(const Shape *sh, const char *q, const char *plane, const int64_t *table, int64_t len,
-                 float *out, float scale, const int64_t chunks, const int64_t elem_size) {
-    const int64_t group = sh->num_heads / sh->num_kv_heads, bs = sh->block_size;
-    const int64_t row_bytes = chunks * LANES * elem_size, used = (len + bs - 1) / bs;
-    vfloat qf[group * chunks], row[chunks];
-    load_row(q, qf, group * chunks * LANES, elem_size);
-    for (int64_t c = 0; c < group * chunks; c++) qf[c] *= scale;
-    for (int64_t b = 0; b < used; b++) {
-        const char *block = tile(plane, table, b, used, bs * row_bytes);
-        for (int64_t t = b * bs; t < len && t < (b + 1) * bs; t++) {
-            load_row(block + (t - b * bs) * row_bytes, row, chunks * LANES, elem_size);
-            for (int64_t g = 0; g < group; g++) out[g * sh->max_len + t] = dot(qf + g * chunks, row, chunks);
-        }
-    }
-    for (int64_t g = 0; g < group; g++)
-        for (int64_t t = len; t < sh->max_len; t++) out[g * sh->max_len + t] = -INFINITY;
+/* lane j of the result: the sum of v[j]'s lanes. Pairs of vectors fold their halves, quarters,
+ * eighths and sixteenths into each other: 15 pairs of shuffles and adds for 16 sums. */
+static inline vfloat sum16(vfloat v[LANES]) {
+    for (int i = 0; i < 8; i++)
+        v[i] = __builtin_shufflevector(v[i], v[i + 8], 0, 1, 2, 3, 4, 5, 6, 7, 24, 25, 26, 27, 28, 29, 30, 31) +
+               __builtin_shufflevector(v[i], v[i + 8], 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23);
+    for (int i = 0; i < 4; i++)
+        v[i] = __builtin_shufflevector(v[i], v[i + 4], 0, 1, 2, 3, 20, 21, 22, 23, 8, 9, 10, 11, 28, 29, 30, 31) +
+               __builtin_shufflevector(v[i], v[i + 4], 4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
+    for (int i = 0; i < 2; i++)
+        v[i] = __builtin_shufflevector(v[i], v[i + 2], 0, 1, 18, 19, 4, 5, 22, 23, 8, 9, 26, 27, 12, 13, 30, 31) +
+               __builtin_shufflevector(v[i], v[i + 2], 2, 3, 16, 17, 6, 7, 20, 21, 10, 11, 24, 25, 14, 15, 28, 29);
+    return __builtin_shufflevector(v[0], v[1], 0, 17, 2, 19, 4, 21, 6, 23, 8, 25, 10, 27, 12, 29, 14, 31) +
+           __builtin_shufflevector(v[0], v[1], 1, 16, 3, 18, 5, 20, 7, 22, 9, 24, 11, 26, 13, 28, 15, 30);
 }
 
-/* One (sequence, kv head) of the values pass. */
-TASK values_task(const Shape *sh, const float *p, const char *plane, const int64_t *table, int64_t len, char *out,
-                 const int64_t chunks, const int64_t elem_size) {
+/* The group's scores against keys t0 .. t0 + LANES - 1 (those before len): per key one vector of
+ * products per query head, summed 16 keys at a time; -inf from len on. */
+TASK score_keys(const Shape *sh, const vfloat *qf, const char *plane, const int64_t *table, int64_t used,
+                int64_t t0, int64_t len, float *sc, const int64_t group, const int64_t chunks,
+                const int64_t elem_size) {
+    const int64_t bs = sh->block_size, row_bytes = chunks * LANES * elem_size;
+    vfloat part[group][LANES], row[chunks];
+    const char *block = plane + table[t0 / bs] * bs * row_bytes;
+    for (int64_t j = 0; j < LANES; j++) {
+        const int64_t t = t0 + j;
+        if (t < len && t % bs == 0) block = tile(plane, table, t / bs, used, bs * row_bytes);
+        if (t < len) load_row(block + (t % bs) * row_bytes, row, chunks * LANES, elem_size);
+        else memset(row, 0, sizeof row);
+        for (int64_t g = 0; g < group; g++) {
+            vfloat acc = qf[g * chunks] * row[0];
+            for (int64_t c = 1; c < chunks; c++) acc += qf[g * chunks + c] * row[c];
+            part[g][j] = acc;
+        }
+    }
+    vint lane;
+    for (int j = 0; j < LANES; j++) lane[j] = (int32_t)(t0 + j);
+    for (int64_t g = 0; g < group; g++)
+        *(vfloat *)(sc + g * sh->max_len + t0) = vselect(lane < (int32_t)len, sum16(part[g]), (vfloat){0} - INFINITY);
+}
+
+/* softmax of a row of scores, n floats (a multiple of LANES) */
+static inline void softmax_row(vfloat *row, int64_t n) {
+    vfloat top = row[0];
+    for (int64_t c = 1; c < n / LANES; c++) top = vmax(top, row[c]);
+    const float m = max_lanes(top);
+    vfloat total = {0};
+    for (int64_t c = 0; c < n / LANES; c++) {
+        row[c] = exp_neg(row[c] - m);
+        total += row[c];
+    }
+    const float inv = 1.0f / sum_lanes(total);
+    for (int64_t c = 0; c < n / LANES; c++) row[c] *= inv;
+}
+
+/* One (sequence, kv head): the scores of its query heads, their softmax, and the sums of values.
+ * sc: the group's rows of scratch scores, max_len apart. */
+TASK attend_task(const Shape *sh, const char *q, const char *k_plane, const char *v_plane, const int64_t *table,
+                 int64_t len, float *sc, char *out, float scale, const int64_t chunks, const int64_t elem_size) {
     const int64_t group = sh->num_heads / sh->num_kv_heads, bs = sh->block_size;
     const int64_t row_bytes = chunks * LANES * elem_size, used = (len + bs - 1) / bs;
-    vfloat acc[group * chunks], row[chunks];
+    const int64_t padded = (len + LANES - 1) / LANES * LANES;
+    vfloat qf[group * chunks], acc[group * chunks], row[chunks];
+    load_row(q, qf, group * chunks * LANES, elem_size);
+    for (int64_t c = 0; c < group * chunks; c++) qf[c] *= scale;
+    for (int64_t t0 = 0; t0 < len; t0 += LANES)
+        score_keys(sh, qf, k_plane, table, used, t0, len, sc, group, chunks, elem_size);
+    for (int64_t g = 0; g < group; g++) softmax_row((vfloat *)(sc + g * sh->max_len), padded);
     memset(acc, 0, sizeof acc);
     for (int64_t b = 0; b < used; b++) {
-        const char *block = tile(plane, table, b, used, bs * row_bytes);
+        const char *block = tile(v_plane, table, b, used, bs * row_bytes);
         for (int64_t t = b * bs; t < len && t < (b + 1) * bs; t++) {
             load_row(block + (t - b * bs) * row_bytes, row, chunks * LANES, elem_size);
             for (int64_t g = 0; g < group; g++)
-                for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] += p[g * sh->max_len + t] * row[c];
+                for (int64_t c = 0; c < chunks; c++) acc[g * chunks + c] += sc[g * sh->max_len + t] * row[c];
         }
     }
     store_row(acc, out, group * chunks * LANES, elem_size);
@@ -96,31 +139,17 @@ TASK values_task(const Shape *sh, const float *p, const char *plane, const int64
         else TASK(__VA_ARGS__, chunks_, size_);                                                             \
     } while (0)
 
-void decode_scores(const char *q, const char *kv, const int64_t *tables, const int32_t *lens, float *scores,
-                   const Shape *sh, float scale) {
+void decode_attention(const char *q, const char *kv, const int64_t *tables, const int32_t *lens, float *scores,
+                      char *out, const Shape *sh, float scale) {
     const int64_t group = sh->num_heads / sh->num_kv_heads, head_bytes = sh->head_dim * sh->elem_size;
     const int64_t plane_bytes = sh->num_blocks * sh->block_size * head_bytes;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int64_t s = 0; s < sh->num_seqs; s++) {
         for (int64_t h = 0; h < sh->num_kv_heads; h++) {
-            DISPATCH(scores_task, sh, sh, q + (s * sh->q_stride * sh->elem_size) + h * group * head_bytes,
-                     kv + h * plane_bytes, tables + s * sh->table_stride, lens[s],
-                     scores + (s * sh->num_heads + h * group) * sh->max_len, scale);
-        }
-    }
-}
-
-void decode_values(const float *probs, const char *kv, const int64_t *tables, const int32_t *lens, char *out,
-                   const Shape *sh) {
-    const int64_t group = sh->num_heads / sh->num_kv_heads, head_bytes = sh->head_dim * sh->elem_size;
-    const int64_t plane_bytes = sh->num_blocks * sh->block_size * head_bytes;
-    const char *v_cache = kv + sh->num_kv_heads * plane_bytes;
-#pragma omp parallel for collapse(2) schedule(static)
-    for (int64_t s = 0; s < sh->num_seqs; s++) {
-        for (int64_t h = 0; h < sh->num_kv_heads; h++) {
-            DISPATCH(values_task, sh, sh, probs + (s * sh->num_heads + h * group) * sh->max_len,
-                     v_cache + h * plane_bytes, tables + s * sh->table_stride, lens[s],
-                     out + (s * sh->num_heads + h * group) * head_bytes);
+            DISPATCH(attend_task, sh, sh, q + (s * sh->q_stride * sh->elem_size) + h * group * head_bytes,
+                     kv + h * plane_bytes, kv + (sh->num_kv_heads + h) * plane_bytes, tables + s * sh->table_stride,
+                     lens[s], scores + (s * sh->num_heads + h * group) * sh->max_len,
+                     out + (s * sh->num_heads + h * group) * head_bytes, scale);
         }
     }
 }

@@ -2,7 +2,7 @@
  *
  *   residual += x;  h = rms_norm(residual)                      (add_rms_norm, cpu_norm.c)
  *   q, k, v = h · Wqkv^T;  rotate q, k;  store k, v             (linear_bf16, cpu_gemv.c)
- *   a = attention(q, cached K, V)                              (decode_scores / _values, paged_attention.c)
+ *   a = attention(q, cached K, V)                              (decode_attention, paged_attention.c)
  *   x = a · Wo^T
  *   residual += x;  h = rms_norm(residual)
  *   x = (silu(h · Wgate^T) * (h · Wup^T)) · Wdown^T
@@ -78,24 +78,6 @@ static void rotate_and_store(uint16_t *qkv, char *kv, const StepShape *sh, const
     }
 }
 
-/* softmax of each row of scores (n rows of `len` floats, a multiple of LANES, -inf past a context) */
-static void softmax_rows(float *scores, int64_t n, int64_t len) {
-#pragma omp parallel for if (n >= 64) schedule(static)
-    for (int64_t r = 0; r < n; r++) {
-        vfloat *row = (vfloat *)(scores + r * len);
-        vfloat top = row[0];
-        for (int64_t c = 1; c < len / LANES; c++) top = vmax(top, row[c]);
-        const float m = max_lanes(top);
-        vfloat total = {0};
-        for (int64_t c = 0; c < len / LANES; c++) {
-            row[c] = exp_neg(row[c] - m);
-            total += row[c];
-        }
-        const float inv = 1.0f / sum_lanes(total);
-        for (int64_t c = 0; c < len / LANES; c++) row[c] *= inv;
-    }
-}
-
 /* act = round(round(silu(gate)) * up), gate and up the two halves of each row of gu */
 static void silu_mul(const uint16_t *gu, uint16_t *act, int64_t rows, int64_t inter) {
 #pragma omp parallel for if (rows >= 8) schedule(static)
@@ -133,9 +115,7 @@ void decode_layers(const Layer *layers, int64_t count, const StepShape *sh, char
                      hidden, sh->eps, 2);
         linear_bf16(l->qkv, h, qkv, rows, width, hidden, hidden);
         rotate_and_store(qkv, cache, sh, positions, cos_sin, slots);
-        decode_scores((const char *)qkv, cache, tables, lens, scores, &attention, sh->scale);
-        softmax_rows(scores, rows * sh->num_heads, len);
-        decode_values(scores, cache, tables, lens, (char *)attn, &attention);
+        decode_attention((const char *)qkv, cache, tables, lens, scores, (char *)attn, &attention, sh->scale);
         linear_bf16(l->o, attn, x, rows, hidden, sh->num_heads * d, sh->num_heads * d);
         add_rms_norm((char *)x, (char *)residual, (const char *)l->post_norm, (char *)h, (char *)residual, rows,
                      hidden, sh->eps, 2);
