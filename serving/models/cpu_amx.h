@@ -42,15 +42,27 @@ static void configure_tiles(void) {
 }
 
 /* a 16 × 16 block of 32-bit values, transposed in registers: the off-diagonal halves, then quarters,
- * eighths and sixteenths of each block swap places (64 two-source permutes) */
-static inline void transpose16(__m512i v[16]) {
-    for (int h = 8; h >= 1; h /= 2) {
-        int32_t low[16], high[16];
-        for (int j = 0; j < 16; j++) {
-            low[j] = (j & h) ? 16 + j - h : j;
-            high[j] = (j & h) ? 16 + j : j + h;
-        }
-        const __m512i lo = _mm512_loadu_si512(low), hi = _mm512_loadu_si512(high);
+ * eighths and sixteenths of each block swap places (64 two-source permutes). Row pairs (i, i + h)
+ * take their lanes as SWAP_LOW / SWAP_HIGH[level] say (0-15: row i's, 16-31: row i + h's), for h =
+ * 8 >> level. Unrolled in full, with the tables as constants, so that the 16 rows stay in registers:
+ * the loop that built its tables on the stack spilled them, and took a 32-row linear 1.7x longer. */
+static const int32_t SWAP_LOW[4][16] __attribute__((aligned(64))) = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
+    {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
+    {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
+    {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}};
+static const int32_t SWAP_HIGH[4][16] __attribute__((aligned(64))) = {
+    {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
+    {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31},
+    {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31},
+    {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}};
+
+static inline __attribute__((always_inline)) void transpose16(__m512i v[16]) {
+#pragma GCC unroll 4
+    for (int level = 0; level < 4; level++) {
+        const int h = 8 >> level;
+        const __m512i lo = _mm512_load_si512(SWAP_LOW[level]), hi = _mm512_load_si512(SWAP_HIGH[level]);
+#pragma GCC unroll 16
         for (int i = 0; i < 16; i++) {
             if (i & h) continue;
             const __m512i a = v[i], b = v[i + h];
