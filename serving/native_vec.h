@@ -33,6 +33,19 @@ static inline uint16_t to_bf16(float x) {
     return (uint16_t)(bits >> 16);
 }
 
+/* x rounded to bfloat16 as to_bf16 rounds it, kept as floats */
+static inline vfloat round_bf16(vfloat x) {
+    const vuint bits = (vuint)x, nan = (vuint)((bits & 0x7fffffffu) > 0x7f800000u);
+    const vuint nearest = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    return (vfloat)((nan & (bits | 0x00400000u) & 0xffff0000u) | (~nan & nearest));
+}
+
+/* LANES floats already rounded to bfloat16 (round_bf16), stored as bfloat16 */
+static inline void store_bf16(uint16_t *dst, vfloat x) {
+    const vhalf h = __builtin_convertvector((vuint)x >> 16, vhalf);
+    memcpy(dst, &h, sizeof h);
+}
+
 static inline float sum_lanes(vfloat v) { /* a halving tree: 4 adds deep, not 16 */
     v += __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
     v += __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3);

@@ -11,7 +11,8 @@ from counterpoint.serving import LLM
 from counterpoint.serving.models import cpu_gemv, cpu_step
 from counterpoint.serving.models.llama import LlamaForCausalLM
 
-PROMPTS = [[5, 17, 33, 100, 7, 9, 11], [200, 3], list(range(40, 77)), [9] * 19, [300]]
+# NOTE: 8 of them, so that the C call's row loops run in parallel
+PROMPTS = [[5, 17, 33, 100, 7, 9, 11], [200, 3], list(range(40, 77)), [9] * 19, [300], [41, 42], [8] * 5, [77, 1, 2]]
 needs_step = pytest.mark.skipif(cpu_step._decode_layers() is None or not cpu_gemv.available(),
                                 reason="no C compiler, or neither AVX-512 BF16 nor AVX2 on this CPU")
 
@@ -49,6 +50,7 @@ def assert_same_rounding(got: torch.Tensor, expected: torch.Tensor):
 @needs_step
 @pytest.mark.parametrize("overrides", [
     {},  # 4 query heads over 2 kv heads, head size 16, llama3 rope
+    # head size 32: rotary a vector at a time
     dict(hidden_size=192, num_attention_heads=6, num_key_value_heads=2, intermediate_size=256, num_hidden_layers=3),
 ])
 def test_decode_layers_match_the_torch_path_layer_by_layer(model_factory, monkeypatch, overrides):

@@ -50,6 +50,18 @@ static inline float rounded(float x) { return bf16_value(to_bf16(x)); }
  * rotate_half(x)·sin each rounded, then their sum; cos and sin already rounded to bfloat16. */
 static void rotate(uint16_t *x, const float *cos, const float *sin, int64_t head_dim) {
     const int64_t half = head_dim / 2;
+    if (half % LANES == 0) { /* rotate_half(x) is (-second half, first half) */
+        for (int64_t c = 0; c < half; c += LANES) {
+            vfloat first, second, co, si;
+            load_row(x + c, &first, LANES, 2);
+            load_row(x + half + c, &second, LANES, 2);
+            memcpy(&co, cos + c, sizeof co);
+            memcpy(&si, sin + c, sizeof si);
+            store_bf16(x + c, round_bf16(round_bf16(first * co) + round_bf16(-second * si)));
+            store_bf16(x + half + c, round_bf16(round_bf16(second * co) + round_bf16(first * si)));
+        }
+        return;
+    }
     float in[head_dim];
     for (int64_t i = 0; i < head_dim; i++) in[i] = bf16_value(x[i]);
     for (int64_t i = 0; i < head_dim; i++) {
@@ -64,6 +76,7 @@ static void rotate_and_store(uint16_t *qkv, char *kv, const StepShape *sh, const
     const int64_t d = sh->head_dim, width = (sh->num_heads + 2 * sh->num_kv_heads) * d;
     const int64_t plane = sh->num_blocks * sh->block_size * d; /* elements of one head's K (or V) */
     uint16_t *cache = (uint16_t *)kv;
+#pragma omp parallel for if (sh->rows >= 8) schedule(static)
     for (int64_t r = 0; r < sh->rows; r++) {
         uint16_t *row = qkv + r * width;
         float cs[d]; /* the row's position's cos then sin, rounded once for all its heads */
