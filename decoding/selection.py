@@ -23,7 +23,7 @@ def sample_rows(probs: torch.Tensor, is_greedy: list[bool], generators: list) ->
 
     NOTE: a seeded request owns its generator, so its draws do not depend on the rest of the batch.
     """
-    tokens = probs.argmax(dim=-1)
+    tokens = probs.max(dim=-1).indices  # NOTE: argmax's first maximum, faster on the CPU
     unseeded = [i for i, g in enumerate(generators) if g is None and not is_greedy[i]]
     if unseeded:
         idx = torch.tensor(unseeded, device=probs.device)
