@@ -31,12 +31,6 @@ static inline void store_row(const vfloat *src, void *dst, int64_t n, int64_t el
     }
 }
 
-static inline float dot(const vfloat *a, const vfloat *b, int64_t chunks) {
-    vfloat acc = a[0] * b[0];
-    for (int64_t c = 1; c < chunks; c++) acc += a[c] * b[c];
-    return sum_lanes(acc);
-}
-
 /* Block b of a sequence's table in one head's (num_blocks, block_size, head_dim) plane, after
  * prefetching the blocks up to AHEAD further on (of the `used` blocks the sequence holds). */
 static inline const char *tile(const char *plane, const int64_t *table, int64_t b, int64_t used, int64_t bytes) {

@@ -102,7 +102,7 @@ static void silu_mul(const uint16_t *gu, uint16_t *act, int64_t rows, int64_t in
             const vfloat negative = vselect(g < 0.0f, g, -g);    /* -|g| */
             const vfloat e = exp_neg(negative);                /* e^-|g| */
             const vfloat silu = vselect(g < 0.0f, g * e / (1.0f + e), g / (1.0f + e));
-            for (int j = 0; j < LANES; j++) act[r * inter + c + j] = to_bf16(rounded(silu[j]) * u[j]);
+            store_bf16(act + r * inter + c, round_bf16(round_bf16(silu) * u));
         }
     }
 }
