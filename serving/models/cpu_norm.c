@@ -11,43 +11,24 @@
 #include <stdint.h>
 #include <string.h>
 
-#define LANES 16
-
-typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
-typedef uint32_t vuint __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef uint16_t vhalf __attribute__((vector_size(LANES * sizeof(uint16_t))));
+#include "../native_vec.h"
 
 static inline vfloat load(const char *p, int64_t elem_size) {
     vfloat v;
-    if (elem_size == 4) {
-        memcpy(&v, p, sizeof v);
-    } else {
-        vhalf half;
-        memcpy(&half, p, sizeof half);
-        v = (vfloat)(__builtin_convertvector(half, vuint) << 16);
-    }
+    load_row(p, &v, LANES, elem_size);
     return v;
 }
 
 /* float32 -> the nearest bfloat16 (ties to even, NaN kept), still as float32 bits */
-static inline vfloat round_to(vfloat x, int64_t elem_size) {
-    if (elem_size == 4) return x;
-    const vuint bits = (vuint)x;
-    const vuint rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
-    const vuint nan = (bits & 0x7fffffffu) > 0x7f800000u; /* all ones where NaN */
-    return (vfloat)((nan & (bits | 0x00400000u) & 0xffff0000u) | (~nan & rounded));
-}
+static inline vfloat round_to(vfloat x, int64_t elem_size) { return elem_size == 4 ? x : round_bf16(x); }
 
 static inline void store(char *p, vfloat x, int64_t elem_size) { /* x already rounded */
-    if (elem_size == 4) {
-        memcpy(p, &x, sizeof x);
-    } else {
-        vhalf half = __builtin_convertvector((vuint)x >> 16, vhalf);
-        memcpy(p, &half, sizeof half);
-    }
+    if (elem_size == 4) memcpy(p, &x, sizeof x);
+    else store_bf16((uint16_t *)p, x);
 }
 
-static inline float sum_lanes(vfloat v) {
+/* lane by lane, in order, as this file always summed: a tree (native_vec.h) would move roundings */
+static inline float sum_in_order(vfloat v) {
     float total = 0.0f;
     for (int j = 0; j < LANES; j++) total += v[j];
     return total;
@@ -69,7 +50,7 @@ void add_rms_norm(const char *x, const char *residual, const char *weight, char 
             h[c] = v;
             squares += v * v;
         }
-        const float inv = 1.0f / sqrtf(sum_lanes(squares) / (float)dim + eps);
+        const float inv = 1.0f / sqrtf(sum_in_order(squares) / (float)dim + eps);
         for (int64_t c = 0; c < chunks; c++) {
             const vfloat normed = round_to(h[c] * inv, elem_size);
             store(out + r * row_bytes + c * step, round_to(load(weight + c * step, elem_size) * normed, elem_size),
