@@ -85,7 +85,7 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     temperature = safe_divisor(torch.tensor([p.temperature for p in params], device=dev)[:, None])
     # NOTE: shifted by the row max first (softmax cannot tell): a tiny temperature then sends the
     # other tokens to −inf instead of overflowing every logit to inf, whose softmax is NaN.
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     vocab = logits.shape[1]
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # NOTE: any int fits the tensor
     top_p = [p.top_p for p in params]
@@ -94,7 +94,7 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     if any(p.min_p > 0 for p in params):  # NOTE: decided on the host: no device sync
         min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
         probs = torch.softmax(logits, dim=-1)
-        cutoff = min_p * probs.max(dim=-1, keepdim=True).values
+        cutoff = min_p * probs.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(probs < cutoff, -float("inf"))
     return logits
 

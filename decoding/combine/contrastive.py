@@ -28,10 +28,10 @@ def contrastive(z_e: torch.Tensor, z_a: torch.Tensor, params: list[ContrastivePa
     tau = safe_divisor(row_values(params, "amateur_temperature", z_e.device))
     log_p_e = torch.log_softmax(z_e, dim=-1)
     # NOTE: shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN)
-    log_p_a = torch.log_softmax((z_a - z_a.max(dim=-1, keepdim=True).values) / tau, dim=-1).clamp(min=LOG_FLOOR)
+    log_p_a = torch.log_softmax((z_a - z_a.amax(dim=-1, keepdim=True)) / tau, dim=-1).clamp(min=LOG_FLOOR)
     # Both terms finite, so no inf − inf before masking (an extreme β's +inf is clamped in processing).
     combined = log_p_e - beta * log_p_a
-    head = z_e >= z_e.max(dim=-1, keepdim=True).values + torch.log(alpha)
+    head = z_e >= z_e.amax(dim=-1, keepdim=True) + torch.log(alpha)
     combined = combined.masked_fill(~head, -math.inf)
     if max(min_candidates) > 1:
         combined = _pad_head(combined, z_e, head, min_candidates)
