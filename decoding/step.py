@@ -71,6 +71,23 @@ def _plain_results(combined, logits, groups, plain_idx, spans) -> list:
     return [r if isinstance(r, Exception) else r[0] for r in alone]
 
 
+def cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts) along rows; a view, without the copy, where the parts are rows that lie one after
+    another in one tensor (every row's logits come from one lm_head pass, mostly in batch order)."""
+    first = parts[0]
+    row = first.shape[-1]
+    total = sum(p.shape[0] for p in parts)
+    if first.dim() != 2 or first.stride() != (row, 1) or any(p.shape[1:] != first.shape[1:]
+                                                             or p.stride() != first.stride() for p in parts):
+        return torch.cat(parts)
+    storage, size, pos = first.untyped_storage().data_ptr(), first.element_size(), first.data_ptr()
+    for part in parts:
+        if part.untyped_storage().data_ptr() != storage or part.data_ptr() != pos:
+            return torch.cat(parts)
+        pos += part.shape[0] * row * size
+    return first.as_strided((total, row), (row, 1))
+
+
 def _guarded(fn, *args):
     """fn(*args), or the exception it raised."""
     try:
@@ -96,14 +113,20 @@ def _combine(logits: torch.Tensor, groups: list[DecodeGroup], offsets: list[int]
             batches.setdefault((group.params.combine_method, group.other.shape[-1]), []).append((start, group))
     if not batches:
         return logits
-    out = logits.float().clone()
+    out = None
     for (method, _), members in batches.items():
-        idx = torch.cat([torch.arange(start, start + len(g.rows)) for start, g in members]).to(logits.device)
         params = [g.params.combine_params for _, g in members for _ in g.rows]
         widths = [g.params.beam_width if g.beam is not None else 1 for _, g in members for _ in g.rows]
-        result = combine.combine(method, logits[idx], torch.cat([g.other for _, g in members]), params, widths)
-        out[idx] = result.logits
         rows = [row for _, g in members for row in g.rows]
+        other = cat_rows([g.other for _, g in members])
+        if len(rows) == logits.shape[0]:  # every row in this one batch, in order: no copy to write into
+            result = combine.combine(method, logits, other, params, widths)
+            out = result.logits
+        else:
+            idx = torch.cat([torch.arange(start, start + len(g.rows)) for start, g in members]).to(logits.device)
+            result = combine.combine(method, logits[idx], other, params, widths)
+            out = logits.to(torch.float32, copy=True) if out is None else out
+            out[idx] = result.logits
         if result.weights is not None and any(r.params.return_decoding_info for r in rows):
             for row, weight in zip(rows, result.weights.tolist()):  # NOTE: one host transfer per batch
                 row.context_weight = weight

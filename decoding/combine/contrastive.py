@@ -26,13 +26,15 @@ def contrastive(z_e: torch.Tensor, z_a: torch.Tensor, params: list[ContrastivePa
     """
     alpha, beta = row_values(params, "alpha", z_e.device), row_values(params, "beta", z_e.device)
     tau = safe_divisor(row_values(params, "amateur_temperature", z_e.device))
-    log_p_e = torch.log_softmax(z_e, dim=-1)
-    # NOTE: shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN)
-    log_p_a = torch.log_softmax((z_a - z_a.amax(dim=-1, keepdim=True)) / tau, dim=-1).clamp(min=LOG_FLOOR)
+    # NOTE: each full-size temporary costs the CPU fresh pages, so the result is built in place in two
+    # buffers: log p_E becomes the combined logits, the amateur's shifted logits its log p_A,τ.
+    combined = torch.log_softmax(z_e, dim=-1)
+    # Shifted before dividing, so a tiny τ cannot overflow the amateur's logits to inf (NaN).
+    log_p_a = torch.log_softmax((z_a - z_a.amax(dim=-1, keepdim=True)).div_(tau), dim=-1).clamp_(min=LOG_FLOOR)
     # Both terms finite, so no inf − inf before masking (an extreme β's +inf is clamped in processing).
-    combined = log_p_e - beta * log_p_a
+    combined.sub_(log_p_a.mul_(beta))
     head = z_e >= z_e.amax(dim=-1, keepdim=True) + torch.log(alpha)
-    combined = combined.masked_fill(~head, -math.inf)
+    combined.masked_fill_(~head, -math.inf)
     if max(min_candidates) > 1:
         combined = _pad_head(combined, z_e, head, min_candidates)
     return Combined(combined)

@@ -216,7 +216,7 @@ class Engine:
         if not ready:
             return
         groups = [self._group(r, logits) for r in ready]
-        rows = torch.cat([logits[h.seqs["main"].seq_id][-1:] for r in ready for h in r.hypotheses])
+        rows = decoding_step.cat_rows([logits[h.seqs["main"].seq_id][-1:] for r in ready for h in r.hypotheses])
         for request, group, choices in zip(ready, groups, decoding_step.step(rows, groups)):
             try:
                 if isinstance(choices, Exception):
@@ -240,7 +240,7 @@ class Engine:
                 for h in hyps]
         is_first = not hyps[0].output_ids and len(hyps) == 1 and request.beam is None
         second = next((name for name in ("amateur", "no_context") if name in request.streams), None)
-        other = torch.cat([logits[h.seqs[second].seq_id][-1:] for h in hyps]) if second else None
+        other = decoding_step.cat_rows([logits[h.seqs[second].seq_id][-1:] for h in hyps]) if second else None
         ends_text = (lambda parent, token: ends_in_stop_string(request, parent, token)) \
             if request.beam is not None and request.params.stop_strings else None
         return decoding_step.DecodeGroup(
