@@ -13,6 +13,7 @@ ENTROPY_FLOOR = 1e-6  # both entropies below this: w = 0.5
 
 @register("acd")
 def acd(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[int]) -> Combined:
+    z_ctx, z_noctx = z_ctx.float(), z_noctx.float()
     h_ctx, h_noctx = entropy(z_ctx), entropy(z_noctx)  # (R,)
     both_tiny = (h_ctx < ENTROPY_FLOOR) & (h_noctx < ENTROPY_FLOOR)
     # NOTE: where both are tiny the ratio is not used; the clamp only keeps 0/0 out of it.

@@ -11,6 +11,7 @@ PROB_FLOOR = 1e-9  # probabilities are clamped here before the logs
 
 @register("adacad")
 def adacad(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[int]) -> Combined:
+    z_ctx, z_noctx = z_ctx.float(), z_noctx.float()
     alpha = torch.maximum(jsd(z_ctx, z_noctx), row_values(params, "min_alpha", z_ctx.device)[:, 0])  # (R,)
     return Combined((1 + alpha[:, None]) * z_ctx - alpha[:, None] * z_noctx, alpha)
 

@@ -4,6 +4,7 @@ V_head = {v : z_E(v) ≥ max z_E + ln α}, −inf elsewhere.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -16,6 +17,12 @@ PAD_SCORE = -1.0e4  # score of tokens added to a too-small head so beam search h
 LOG_FLOOR = -1.0e4
 
 
+# A fused implementation of `dense` per device type, registered by the server (its C loop on the CPU):
+# fn(z_e, z_a, alpha, beta, tau) with dense's arguments and result up to float32 rounding, or None
+# where it cannot take those tensors.
+FUSED: dict[str, Callable[..., torch.Tensor | None]] = {}
+
+
 @register("contrastive")
 def contrastive(z_e: torch.Tensor, z_a: torch.Tensor, params: list[ContrastiveParams],
                 min_candidates: list[int]) -> Combined:
@@ -26,6 +33,19 @@ def contrastive(z_e: torch.Tensor, z_a: torch.Tensor, params: list[ContrastivePa
     """
     alpha, beta = row_values(params, "alpha", z_e.device), row_values(params, "beta", z_e.device)
     tau = safe_divisor(row_values(params, "amateur_temperature", z_e.device))
+    fused = FUSED.get(z_e.device.type)
+    combined = fused(z_e, z_a, alpha, beta, tau) if fused else None
+    if combined is None:
+        combined = dense(z_e.float(), z_a.float(), alpha, beta, tau)
+    if max(min_candidates) > 1:
+        z_e = z_e.float()
+        combined = _pad_head(combined, z_e, z_e >= z_e.amax(dim=-1, keepdim=True) + torch.log(alpha), min_candidates)
+    return Combined(combined)
+
+
+def dense(z_e: torch.Tensor, z_a: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor,
+          tau: torch.Tensor) -> torch.Tensor:
+    """(R, V) float32 logits and (R, 1) α, β, τ -> (R, V) float32 c on the head, −inf elsewhere."""
     # NOTE: each full-size temporary costs the CPU fresh pages, so the result is built in place in two
     # buffers: log p_E becomes the combined logits, the amateur's shifted logits its log p_A,τ.
     combined = torch.log_softmax(z_e, dim=-1)
@@ -34,10 +54,7 @@ def contrastive(z_e: torch.Tensor, z_a: torch.Tensor, params: list[ContrastivePa
     # Both terms finite, so no inf − inf before masking (an extreme β's +inf is clamped in processing).
     combined.sub_(log_p_a.mul_(beta))
     head = z_e >= z_e.amax(dim=-1, keepdim=True) + torch.log(alpha)
-    combined.masked_fill_(~head, -math.inf)
-    if max(min_candidates) > 1:
-        combined = _pad_head(combined, z_e, head, min_candidates)
-    return Combined(combined)
+    return combined.masked_fill_(~head, -math.inf)
 
 
 def _pad_head(combined: torch.Tensor, z_e: torch.Tensor, head: torch.Tensor, widths: list[int]) -> torch.Tensor:

@@ -1,0 +1,61 @@
+/* Contrastive decoding's combined logits on the CPU, one pass of three loops per row where the
+ * torch code makes some ten passes over full-size temporaries (decoding/combine/contrastive.py):
+ *
+ *   log p_E = z_E − max z_E − ln Σ e^(z_E − max z_E)
+ *   s = (z_A − max z_A) / τ,  log p_A,τ = max(s − ln Σ e^s, LOG_FLOOR)
+ *   c = log p_E − β · log p_A,τ  where z_E ≥ max z_E + ln α (the plausibility head), −inf elsewhere
+ *
+ * z_E and z_A are rows of bfloat16 or float32 logits (elem_size 2 or 4), each row `stride` elements
+ * after the last; vocab a multiple of LANES. Sums and products in float32; the head test is the
+ * torch code's own float32 comparison, so the head is the same set of tokens. Built by
+ * serving/native.py for the CPU it runs on.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#include "../native_vec.h"
+
+#define LOG_FLOOR -1.0e4f /* as contrastive.py: log-probabilities below it are 0 in float32 anyway */
+
+static inline vfloat at(const char *row, int64_t c, int64_t elem_size) {
+    vfloat v;
+    load_row(row + c * LANES * elem_size, &v, LANES, elem_size);
+    return v;
+}
+
+static float row_max(const char *row, int64_t chunks, int64_t elem_size) {
+    vfloat m = at(row, 0, elem_size);
+    for (int64_t c = 1; c < chunks; c++) m = vmax(m, at(row, c, elem_size));
+    return max_lanes(m);
+}
+
+static void combine_row(const char *z_e, const char *z_a, float log_alpha, float beta, float tau, float *out,
+                        int64_t chunks, int64_t elem_size) {
+    const float max_e = row_max(z_e, chunks, elem_size), max_a = row_max(z_a, chunks, elem_size);
+    vfloat sum_e = {0}, sum_a = {0};
+    for (int64_t c = 0; c < chunks; c++) {
+        sum_e += exp_neg(at(z_e, c, elem_size) - max_e);
+        sum_a += exp_neg((at(z_a, c, elem_size) - max_a) / tau);
+    }
+    const float log_sum_e = logf(sum_lanes(sum_e)), log_sum_a = logf(sum_lanes(sum_a));
+    const float head = max_e + log_alpha;
+    for (int64_t c = 0; c < chunks; c++) {
+        const vfloat e = at(z_e, c, elem_size);
+        vfloat log_p_a = (at(z_a, c, elem_size) - max_a) / tau - log_sum_a;
+        log_p_a = vmax(log_p_a, (vfloat){0} + LOG_FLOOR);
+        const vfloat combined = (e - max_e - log_sum_e) - beta * log_p_a;
+        const vfloat v = vselect(e >= head, combined, (vfloat){0} - INFINITY);
+        __builtin_memcpy(out + c * LANES, &v, sizeof v);
+    }
+}
+
+/* log_alpha, beta, tau: one value per row; out (rows, vocab) float32, contiguous */
+void contrastive_rows(const char *z_e, const char *z_a, int64_t e_stride, int64_t a_stride, const float *log_alpha,
+                      const float *beta, const float *tau, float *out, int64_t rows, int64_t vocab,
+                      int64_t elem_size) {
+    const int64_t chunks = vocab / LANES;
+#pragma omp parallel for if (rows >= 2) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        combine_row(z_e + r * e_stride * elem_size, z_a + r * a_stride * elem_size, log_alpha[r], beta[r], tau[r],
+                    out + r * vocab, chunks, elem_size);
+}

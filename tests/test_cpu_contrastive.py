@@ -1,0 +1,80 @@
+"""The CPU path's C combination for contrastive decoding (serving/engine/cpu_contrastive.c) against
+the torch code it replaces (decoding/combine/contrastive.dense), and the method taking it only
+where it applies."""
+
+import math
+
+import pytest
+import torch
+
+from counterpoint.decoding.combine import combine, contrastive
+from counterpoint.decoding.params import ContrastiveParams
+from counterpoint.serving.engine import cpu_contrastive
+
+needs_native = pytest.mark.skipif(cpu_contrastive.native.load(cpu_contrastive.SOURCE) is None,
+                                  reason="no C compiler here")
+# α, β, τ per row: the defaults, a wide head, a one-token head, no amateur, and τ at both extremes
+ROWS = [(0.1, 0.5, 1.0), (1e-3, 1.0, 0.5), (1.0, 0.5, 1.0), (0.1, 0.0, 1.0), (0.5, 2.0, 1e-30), (0.1, 0.5, 1e30)]
+
+
+def _inputs(rows: int, vocab: int, dtype, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    z_e, z_a = ((torch.randn(rows, vocab + 16, generator=gen) * 4).to(dtype)[:, :vocab] for _ in range(2))
+    params = [ContrastiveParams(amateur="a", alpha=a, beta=b, amateur_temperature=t) for a, b, t in ROWS[:rows]]
+    return z_e, z_a, params
+
+
+def _row_values(params):
+    def col(name):
+        return torch.tensor([[getattr(p, name)] for p in params], dtype=torch.float32)
+
+    tau = col("amateur_temperature").clamp(min=torch.finfo(torch.float32).tiny, max=torch.finfo(torch.float32).max)
+    return col("alpha"), col("beta"), tau
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,vocab", [(1, 64), (6, 49152)])
+def test_matches_the_torch_code(dtype, rows, vocab):
+    z_e, z_a, params = _inputs(rows, vocab, dtype, seed=rows)
+    alpha, beta, tau = _row_values(params)
+    fused = cpu_contrastive.combine(z_e, z_a, alpha, beta, tau)
+    expected = contrastive.dense(z_e.float(), z_a.float(), alpha, beta, tau)
+    assert torch.equal(torch.isneginf(fused), torch.isneginf(expected))  # the same head, token for token
+    head = ~torch.isneginf(expected)
+    # NOTE: float32 exponentials and sums in another order: a few ulps of log-probabilities up to ~10
+    torch.testing.assert_close(fused[head], expected[head], atol=2e-5, rtol=1e-5)
+
+
+@needs_native
+def test_matches_the_formula_written_out():
+    z_e, z_a, params = _inputs(3, 64, torch.float32, seed=7)
+    alpha, beta, tau = _row_values(params)
+    fused = cpu_contrastive.combine(z_e, z_a, alpha, beta, tau)
+    for r, p in enumerate(params):  # in float64, but the head by the float32 test that defines it
+        e, a = z_e[r].double(), z_a[r].double()
+        log_p_e = torch.log_softmax(e, dim=-1)
+        log_p_a = torch.log_softmax(a / p.amateur_temperature, dim=-1).clamp(min=contrastive.LOG_FLOOR)
+        head = z_e[r] >= z_e[r].max() + torch.log(alpha[r])
+        expected = torch.where(head, log_p_e - p.beta * log_p_a, -math.inf).float()
+        torch.testing.assert_close(fused[r], expected, atol=2e-5, rtol=1e-5)
+
+
+@needs_native
+def test_the_method_takes_it_only_where_it_applies(monkeypatch):
+    calls = []
+    real = cpu_contrastive.combine
+
+    def spy(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setitem(contrastive.FUSED, "cpu", spy)
+    for vocab, taken in [(64, True), (72, False)]:  # the C loop wants the vocabulary in whole vectors
+        z_e, z_a, params = _inputs(2, vocab, torch.bfloat16, seed=vocab)
+        out = combine("contrastive", z_e, z_a, params, [1, 1]).logits
+        alpha, beta, tau = _row_values(params)
+        torch.testing.assert_close(out, contrastive.dense(z_e.float(), z_a.float(), alpha, beta, tau),
+                                   atol=2e-5, rtol=1e-5)
+        assert calls[-1] is taken
