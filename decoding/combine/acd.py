@@ -19,9 +19,13 @@ def acd(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[i
     # NOTE: where both are tiny the ratio is not used; the clamp only keeps 0/0 out of it.
     ratio = h_noctx / (h_ctx + h_noctx).clamp(min=ENTROPY_FLOOR)
     w = torch.where(both_tiny, torch.full_like(ratio, 0.5), ratio).clamp(0, 1)
-    return Combined(z_noctx + w[:, None] * (z_ctx - z_noctx), w)
+    # NOTE: built in place (each fresh full-size temporary costs the CPU new pages): z_noctx + w·(z_ctx − z_noctx)
+    return Combined((z_ctx - z_noctx).mul_(w[:, None]).add_(z_noctx), w)
 
 
 def entropy(z: torch.Tensor) -> torch.Tensor:
-    """(R, V) logits -> (R,) H(softmax(z)) in nats; entr handles p = 0."""
-    return torch.special.entr(torch.softmax(z, dim=-1)).sum(dim=-1)
+    """(R, V) logits -> (R,) H(softmax(z)) in nats, with 0·ln 0 = 0."""
+    # NOTE: −Σ p·ln p from ln p, in place: torch.special.entr is not vectorised on the CPU (2x slower in all).
+    # Where ln p = −inf, p·ln p is 0·−inf, NaN: it is p = 0's 0.
+    log_p = torch.log_softmax(z, dim=-1)
+    return log_p.exp().mul_(log_p).nan_to_num_(nan=0.0).sum(dim=-1).neg_()

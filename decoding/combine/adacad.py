@@ -13,12 +13,13 @@ PROB_FLOOR = 1e-9  # probabilities are clamped here before the logs
 def adacad(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[int]) -> Combined:
     z_ctx, z_noctx = z_ctx.float(), z_noctx.float()
     alpha = torch.maximum(jsd(z_ctx, z_noctx), row_values(params, "min_alpha", z_ctx.device)[:, 0])  # (R,)
-    return Combined((1 + alpha[:, None]) * z_ctx - alpha[:, None] * z_noctx, alpha)
+    return Combined(((1 + alpha[:, None]) * z_ctx).sub_(alpha[:, None] * z_noctx), alpha)
 
 
 def jsd(z_p: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
     """(R, V) logits -> (R,) Jensen-Shannon divergence of their softmaxes, in nats."""
-    p = torch.softmax(z_p, dim=-1).clamp(min=PROB_FLOOR)
-    q = torch.softmax(z_q, dim=-1).clamp(min=PROB_FLOOR)
-    m = (p + q) / 2
-    return 0.5 * (p * (p.log() - m.log())).sum(dim=-1) + 0.5 * (q * (q.log() - m.log())).sum(dim=-1)
+    # NOTE: in place where a temporary is not read again (each fresh full-size one costs the CPU new pages)
+    p = torch.softmax(z_p, dim=-1).clamp_(min=PROB_FLOOR)
+    q = torch.softmax(z_q, dim=-1).clamp_(min=PROB_FLOOR)
+    log_m = (p + q).div_(2).log_()
+    return 0.5 * p.log().sub_(log_m).mul_(p).sum(dim=-1) + 0.5 * q.log().sub_(log_m).mul_(q).sum(dim=-1)

@@ -10,4 +10,4 @@ from counterpoint.decoding.combine.base import Combined, register, row_values
 def cad(z_ctx: torch.Tensor, z_noctx: torch.Tensor, params: list, widths: list[int]) -> Combined:
     z_ctx, z_noctx = z_ctx.float(), z_noctx.float()
     alpha = row_values(params, "alpha", z_ctx.device)
-    return Combined((1 + alpha) * z_ctx - alpha * z_noctx)
+    return Combined(((1 + alpha) * z_ctx).sub_(alpha * z_noctx))
