@@ -51,7 +51,8 @@ def quant(args) -> dict:
     if args.plot:
         _plot(rows, args.concurrency, args.plot)
     return dict(benchmark="quant", model=str(model), dtype=args.dtype, concurrency=args.concurrency,
-                input_len=args.input_len, output_len=args.output_len, ppl_rows=args.ppl_rows, seq_len=args.seq_len, threads=args.threads,
+                input_len=args.input_len, output_len=args.output_len, ppl_rows=args.ppl_rows, seq_len=args.seq_len,
+                threads=args.threads,
                 results=rows)
 
 

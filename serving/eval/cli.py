@@ -1,7 +1,6 @@
 """`counterpoint eval rag` and `counterpoint eval decoding`: offline on a local model (the bundled
 one by default) or, with --base-url, against any OpenAI-compatible server."""
 
-import argparse
 import json
 
 from counterpoint.serving.flags import add_engine_flags, engine_kwargs, positive_int

@@ -52,7 +52,8 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
         }
     }
     for (int r = 0; r < n; r++) /* VCVTNEPS2BF16 rounds to nearest even, as torch does */
-        _mm_storel_epi64((__m128i *)(y + r * out), (__m128i)_mm_cvtneps_pbh(sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3])));
+        _mm_storel_epi64((__m128i *)(y + r * out),
+                         (__m128i)_mm_cvtneps_pbh(sum4(acc[r][0], acc[r][1], acc[r][2], acc[r][3])));
 }
 
 /* one VDPBF16PS pass over the weights: 4 weight rows at a time with every input row */
@@ -149,7 +150,8 @@ static inline __attribute__((always_inline)) void tile(const uint16_t *w, const 
             for (int k = 0; k < TILE; k++) {
                 const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k * in + h));
                 const __m256 we = evens(wv), wo = odds(wv);
-                for (int r = 0; r < n; r++) acc[r][k] = _mm256_fmadd_ps(wo, xo[r], _mm256_fmadd_ps(we, xe[r], acc[r][k]));
+                for (int r = 0; r < n; r++)
+                    acc[r][k] = _mm256_fmadd_ps(wo, xo[r], _mm256_fmadd_ps(we, xe[r], acc[r][k]));
             }
         }
     }

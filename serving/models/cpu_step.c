@@ -33,7 +33,7 @@ typedef struct {
 typedef struct {
     int64_t rows, hidden, num_heads, num_kv_heads, head_dim, intermediate;
     int64_t num_blocks, block_size, table_stride, max_len; /* max_len: the longest context */
-    int64_t layer_bytes;                                    /* one layer's (2, kv_heads, blocks, block, head_dim) cache */
+    int64_t layer_bytes; /* one layer's (2, kv_heads, blocks, block, head_dim) cache */
     float eps, scale;
 } StepShape;
 
