@@ -7,10 +7,10 @@ import torch
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.decoding import step as decoding_step
-from counterpoint.decoding.combine import contrastive
+from counterpoint.decoding.combine import acd, contrastive
 from counterpoint.decoding.processing import Row
 from counterpoint.serving.engine.admission import InvalidRequest, admit
-from counterpoint.serving.engine import cpu_contrastive
+from counterpoint.serving.engine import cpu_combine
 from counterpoint.serving.engine.config import EngineConfig
 from counterpoint.serving.engine.detokenizer import IncrementalDetokenizer
 from counterpoint.serving.engine.model_slot import ModelSlot, load_slots, tail_slot
@@ -24,8 +24,10 @@ from counterpoint.serving.engine.trunks import tail_name
 
 logger = logging.getLogger("counterpoint")
 
-# Contrastive decoding's combination in one C call on the CPU (it declines where it cannot run).
-contrastive.FUSED["cpu"] = cpu_contrastive.combine
+# The combine stage's C loops on the CPU (each declines where it cannot run): contrastive decoding's
+# combination, ACD's entropies.
+contrastive.FUSED["cpu"] = cpu_combine.contrastive
+acd.FUSED["cpu"] = cpu_combine.entropy
 
 
 class Engine:

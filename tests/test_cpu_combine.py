@@ -1,18 +1,17 @@
-"""The CPU path's C combination for contrastive decoding (serving/engine/cpu_contrastive.c) against
-the torch code it replaces (decoding/combine/contrastive.dense), and the method taking it only
-where it applies."""
+"""The combine stage's C loops on the CPU (serving/engine/cpu_combine.c) against the torch code they
+replace (decoding/combine/contrastive.dense, acd.entropy) and against the formulas in float64, and
+the methods taking them only where they apply."""
 
 import math
 
 import pytest
 import torch
 
-from counterpoint.decoding.combine import combine, contrastive
+from counterpoint.decoding.combine import acd, combine, contrastive
 from counterpoint.decoding.params import ContrastiveParams
-from counterpoint.serving.engine import cpu_contrastive
+from counterpoint.serving.engine import cpu_combine
 
-needs_native = pytest.mark.skipif(cpu_contrastive.native.load(cpu_contrastive.SOURCE) is None,
-                                  reason="no C compiler here")
+needs_native = pytest.mark.skipif(cpu_combine.native.load(cpu_combine.SOURCE) is None, reason="no C compiler here")
 # α, β, τ per row: the defaults, a wide head, a one-token head, no amateur, and τ at both extremes
 ROWS = [(0.1, 0.5, 1.0), (1e-3, 1.0, 0.5), (1.0, 0.5, 1.0), (0.1, 0.0, 1.0), (0.5, 2.0, 1e-30), (0.1, 0.5, 1e30)]
 
@@ -35,10 +34,10 @@ def _row_values(params):
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows,vocab", [(1, 64), (6, 49152)])
-def test_matches_the_torch_code(dtype, rows, vocab):
+def test_contrastive_matches_the_torch_code(dtype, rows, vocab):
     z_e, z_a, params = _inputs(rows, vocab, dtype, seed=rows)
     alpha, beta, tau = _row_values(params)
-    fused = cpu_contrastive.combine(z_e, z_a, alpha, beta, tau)
+    fused = cpu_combine.contrastive(z_e, z_a, alpha, beta, tau)
     expected = contrastive.dense(z_e.float(), z_a.float(), alpha, beta, tau)
     assert torch.equal(torch.isneginf(fused), torch.isneginf(expected))  # the same head, token for token
     head = ~torch.isneginf(expected)
@@ -47,10 +46,10 @@ def test_matches_the_torch_code(dtype, rows, vocab):
 
 
 @needs_native
-def test_matches_the_formula_written_out():
+def test_contrastive_matches_the_formula_written_out():
     z_e, z_a, params = _inputs(3, 64, torch.float32, seed=7)
     alpha, beta, tau = _row_values(params)
-    fused = cpu_contrastive.combine(z_e, z_a, alpha, beta, tau)
+    fused = cpu_combine.contrastive(z_e, z_a, alpha, beta, tau)
     for r, p in enumerate(params):  # in float64, but the head by the float32 test that defines it
         e, a = z_e[r].double(), z_a[r].double()
         log_p_e = torch.log_softmax(e, dim=-1)
@@ -61,9 +60,9 @@ def test_matches_the_formula_written_out():
 
 
 @needs_native
-def test_the_method_takes_it_only_where_it_applies(monkeypatch):
+def test_contrastive_takes_it_only_where_it_applies(monkeypatch):
     calls = []
-    real = cpu_contrastive.combine
+    real = cpu_combine.contrastive
 
     def spy(*args):
         out = real(*args)
@@ -78,3 +77,48 @@ def test_the_method_takes_it_only_where_it_applies(monkeypatch):
         torch.testing.assert_close(out, contrastive.dense(z_e.float(), z_a.float(), alpha, beta, tau),
                                    atol=2e-5, rtol=1e-5)
         assert calls[-1] is taken
+
+
+def _entropy_inputs(dtype):
+    """Random rows, a one-hot row (−inf elsewhere: H = 0), a uniform row (H = ln V), a peaked one."""
+    z = torch.randn(5, 49152, generator=torch.Generator().manual_seed(3)) * 4
+    z[1] = -math.inf
+    z[1, 17] = 2.0
+    z[2] = 0.5
+    z[3, 100] = 90.0
+    z[4, :1000] = -math.inf
+    return z.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_entropy_matches_the_torch_code_and_the_formula(dtype, monkeypatch):
+    z = _entropy_inputs(dtype)
+    fused = cpu_combine.entropy(z)
+    monkeypatch.delitem(acd.FUSED, "cpu", raising=False)
+    torch.testing.assert_close(fused, acd.entropy(z.float()), atol=2e-5, rtol=1e-5)
+    p = torch.softmax(z.double(), dim=-1)
+    expected = torch.special.entr(p).sum(dim=-1).float()
+    torch.testing.assert_close(fused, expected, atol=2e-5, rtol=1e-5)
+    assert fused[1] == 0 and abs(fused[2] - math.log(49152)) < 1e-5
+
+
+@needs_native
+def test_acd_takes_it_only_where_it_applies(monkeypatch):
+    calls = []
+
+    def spy(z):
+        out = cpu_combine.entropy(z)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setitem(acd.FUSED, "cpu", spy)
+    for vocab, taken in [(64, True), (72, False)]:
+        z_ctx, z_noctx, _ = _inputs(2, vocab, torch.float32, seed=vocab)
+        fused = combine("acd", z_ctx, z_noctx, [None, None], [1, 1])
+        assert calls[-2:] == [taken, taken]
+        monkeypatch.delitem(acd.FUSED, "cpu")
+        reference = combine("acd", z_ctx, z_noctx, [None, None], [1, 1])
+        monkeypatch.setitem(acd.FUSED, "cpu", spy)
+        torch.testing.assert_close(fused.logits, reference.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused.weights, reference.weights, atol=1e-6, rtol=1e-5)

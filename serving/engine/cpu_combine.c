@@ -1,14 +1,20 @@
-/* Contrastive decoding's combined logits on the CPU, one pass of three loops per row where the
- * torch code makes some ten passes over full-size temporaries (decoding/combine/contrastive.py):
+/* The combine stage's loops on the CPU (decoding/combine/), one pass of a few loops per row where
+ * the torch code makes several passes over full-size float32 temporaries.
+ *
+ * Contrastive decoding's combined logits:
  *
  *   log p_E = z_E − max z_E − ln Σ e^(z_E − max z_E)
  *   s = (z_A − max z_A) / τ,  log p_A,τ = max(s − ln Σ e^s, LOG_FLOOR)
  *   c = log p_E − β · log p_A,τ  where z_E ≥ max z_E + ln α (the plausibility head), −inf elsewhere
  *
- * z_E and z_A are rows of bfloat16 or float32 logits (elem_size 2 or 4), each row `stride` elements
- * after the last; vocab a multiple of LANES. Sums and products in float32; the head test is the
- * torch code's own float32 comparison, so the head is the same set of tokens. Built by
- * serving/native.py for the CPU it runs on.
+ * the head test being the torch code's own float32 comparison, so the head is the same set of
+ * tokens. And the entropy of each row's softmax, which ACD weighs its two streams by:
+ *
+ *   H = −Σ p ln p = ln S − Σ e·(z − max z) / S,  e = e^(z − max z), S = Σ e  (0·ln 0 = 0)
+ *
+ * Logits are rows of bfloat16 or float32 (elem_size 2 or 4), each row `stride` elements after the
+ * last; vocab a multiple of LANES. Sums and products in float32. Built by serving/native.py for
+ * the CPU it runs on.
  */
 #include <math.h>
 #include <stdint.h>
@@ -58,4 +64,22 @@ void contrastive_rows(const char *z_e, const char *z_a, int64_t e_stride, int64_
     for (int64_t r = 0; r < rows; r++)
         combine_row(z_e + r * e_stride * elem_size, z_a + r * a_stride * elem_size, log_alpha[r], beta[r], tau[r],
                     out + r * vocab, chunks, elem_size);
+}
+
+static float row_entropy(const char *z, int64_t chunks, int64_t elem_size) {
+    const float top = row_max(z, chunks, elem_size);
+    vfloat sum = {0}, weighted = {0};
+    for (int64_t c = 0; c < chunks; c++) {
+        const vfloat shifted = at(z, c, elem_size) - top, e = exp_neg(shifted);
+        sum += e;
+        weighted += vselect(e > 0, e * shifted, (vfloat){0}); /* where z = −inf, e·(z − max) would be 0·−inf */
+    }
+    const float total = sum_lanes(sum);
+    return logf(total) - sum_lanes(weighted) / total;
+}
+
+/* h (rows,) float32: the entropy of each row's softmax, in nats */
+void entropy_rows(const char *z, int64_t stride, float *h, int64_t rows, int64_t vocab, int64_t elem_size) {
+#pragma omp parallel for if (rows >= 2) schedule(static)
+    for (int64_t r = 0; r < rows; r++) h[r] = row_entropy(z + r * stride * elem_size, vocab / LANES, elem_size);
 }
