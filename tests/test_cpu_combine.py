@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from counterpoint.decoding.combine import acd, combine, contrastive
-from counterpoint.decoding.params import ContrastiveParams
+from counterpoint.decoding.combine import acd, adacad, combine, contrastive
+from counterpoint.decoding.params import ContextContrastParams, ContrastiveParams
 from counterpoint.serving.engine import cpu_combine
 
 needs_native = pytest.mark.skipif(cpu_combine.native.load(cpu_combine.SOURCE) is None, reason="no C compiler here")
@@ -120,5 +120,53 @@ def test_acd_takes_it_only_where_it_applies(monkeypatch):
         monkeypatch.delitem(acd.FUSED, "cpu")
         reference = combine("acd", z_ctx, z_noctx, [None, None], [1, 1])
         monkeypatch.setitem(acd.FUSED, "cpu", spy)
+        torch.testing.assert_close(fused.logits, reference.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused.weights, reference.weights, atol=1e-6, rtol=1e-5)
+
+
+def _jsd_inputs(dtype):
+    """Random pairs at several scales, a pair of equal rows (JSD 0), two one-hot rows on different
+    tokens (ln 2, as far apart as two distributions get), a row with −inf logits."""
+    gen = torch.Generator().manual_seed(5)
+    z_p = torch.randn(6, 49152, generator=gen) * torch.tensor([[0.1], [1.0], [5.0], [1.0], [1.0], [3.0]])
+    z_q = z_p + torch.randn(6, 49152, generator=gen)
+    z_q[3] = z_p[3]
+    z_p[4], z_q[4] = -math.inf, -math.inf
+    z_p[4, 1], z_q[4, 2] = 0.0, 0.0
+    z_p[5, :500] = -math.inf
+    return z_p.to(dtype), z_q.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_jsd_matches_the_torch_code_and_the_formula(dtype, monkeypatch):
+    z_p, z_q = _jsd_inputs(dtype)
+    fused = cpu_combine.jsd(z_p, z_q)
+    monkeypatch.delitem(adacad.FUSED, "cpu", raising=False)
+    torch.testing.assert_close(fused, adacad.jsd(z_p.float(), z_q.float()), atol=2e-6, rtol=1e-5)
+    p, q = (torch.softmax(z.double(), dim=-1).clamp(min=adacad.PROB_FLOOR) for z in (z_p, z_q))
+    m = (p + q) / 2
+    expected = 0.5 * (p * (p / m).log()).sum(dim=-1) + 0.5 * (q * (q / m).log()).sum(dim=-1)
+    torch.testing.assert_close(fused, expected.float(), atol=2e-6, rtol=1e-5)
+    assert abs(fused[3]) < 1e-6 and abs(fused[4] - math.log(2)) < 1e-4
+
+
+@needs_native
+def test_adacad_takes_it_only_where_it_applies(monkeypatch):
+    calls = []
+
+    def spy(z_p, z_q):
+        out = cpu_combine.jsd(z_p, z_q)
+        calls.append(out is not None)
+        return out
+
+    params = [ContextContrastParams("adacad", min_alpha=0.0)] * 2
+    for vocab, taken in [(64, True), (72, False)]:
+        z_ctx, z_noctx, _ = _inputs(2, vocab, torch.float32, seed=vocab)
+        monkeypatch.setitem(adacad.FUSED, "cpu", spy)
+        fused = combine("adacad", z_ctx, z_noctx, params, [1, 1])
+        assert calls[-1] is taken
+        monkeypatch.delitem(adacad.FUSED, "cpu")
+        reference = combine("adacad", z_ctx, z_noctx, params, [1, 1])
         torch.testing.assert_close(fused.logits, reference.logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fused.weights, reference.weights, atol=1e-6, rtol=1e-5)

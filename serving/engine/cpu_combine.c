@@ -8,9 +8,14 @@
  *   c = log p_E − β · log p_A,τ  where z_E ≥ max z_E + ln α (the plausibility head), −inf elsewhere
  *
  * the head test being the torch code's own float32 comparison, so the head is the same set of
- * tokens. And the entropy of each row's softmax, which ACD weighs its two streams by:
+ * tokens. The entropy of each row's softmax, which ACD weighs its two streams by:
  *
  *   H = −Σ p ln p = ln S − Σ e·(z − max z) / S,  e = e^(z − max z), S = Σ e  (0·ln 0 = 0)
+ *
+ * And the Jensen-Shannon divergence of two rows' softmaxes, AdaCAD's weight, with the
+ * probabilities clamped at PROB_FLOOR before the logs as adacad.py clamps them:
+ *
+ *   JSD = ½ Σ p (ln p − ln m) + ½ Σ q (ln q − ln m),  m = (p + q) / 2
  *
  * Logits are rows of bfloat16 or float32 (elem_size 2 or 4), each row `stride` elements after the
  * last; vocab a multiple of LANES. Sums and products in float32. Built by serving/native.py for
@@ -22,6 +27,7 @@
 #include "../native_vec.h"
 
 #define LOG_FLOOR -1.0e4f /* as contrastive.py: log-probabilities below it are 0 in float32 anyway */
+#define PROB_FLOOR 1e-9f /* as adacad.py */
 
 static inline vfloat at(const char *row, int64_t c, int64_t elem_size) {
     vfloat v;
@@ -82,4 +88,30 @@ static float row_entropy(const char *z, int64_t chunks, int64_t elem_size) {
 void entropy_rows(const char *z, int64_t stride, float *h, int64_t rows, int64_t vocab, int64_t elem_size) {
 #pragma omp parallel for if (rows >= 2) schedule(static)
     for (int64_t r = 0; r < rows; r++) h[r] = row_entropy(z + r * stride * elem_size, vocab / LANES, elem_size);
+}
+
+static float row_jsd(const char *z_p, const char *z_q, int64_t chunks, int64_t elem_size) {
+    const float max_p = row_max(z_p, chunks, elem_size), max_q = row_max(z_q, chunks, elem_size);
+    vfloat sum_p = {0}, sum_q = {0};
+    for (int64_t c = 0; c < chunks; c++) {
+        sum_p += exp_neg(at(z_p, c, elem_size) - max_p);
+        sum_q += exp_neg(at(z_q, c, elem_size) - max_q);
+    }
+    const float inv_p = 1.0f / sum_lanes(sum_p), inv_q = 1.0f / sum_lanes(sum_q);
+    vfloat total = {0};
+    for (int64_t c = 0; c < chunks; c++) {
+        const vfloat p = vmax(exp_neg(at(z_p, c, elem_size) - max_p) * inv_p, (vfloat){0} + PROB_FLOOR);
+        const vfloat q = vmax(exp_neg(at(z_q, c, elem_size) - max_q) * inv_q, (vfloat){0} + PROB_FLOOR);
+        const vfloat log_m = log_pos((p + q) * 0.5f);
+        total += p * (log_pos(p) - log_m) + q * (log_pos(q) - log_m);
+    }
+    return 0.5f * sum_lanes(total);
+}
+
+/* d (rows,) float32: the Jensen-Shannon divergence of each pair of rows' softmaxes, in nats */
+void jsd_rows(const char *z_p, const char *z_q, int64_t p_stride, int64_t q_stride, float *d, int64_t rows,
+              int64_t vocab, int64_t elem_size) {
+#pragma omp parallel for if (rows >= 2) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        d[r] = row_jsd(z_p + r * p_stride * elem_size, z_q + r * q_stride * elem_size, vocab / LANES, elem_size);
 }

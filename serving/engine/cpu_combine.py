@@ -1,6 +1,6 @@
 """The combine stage's C loops on the CPU (cpu_combine.c, built by serving/native.py), registered by
-the engine as the fused CPU paths of decoding/combine/: contrastive decoding's combination, and the
-row entropies of ACD.
+the engine as the fused CPU paths of decoding/combine/: contrastive decoding's combination, the
+row entropies of ACD and AdaCAD's Jensen-Shannon divergences.
 
 The torch code makes several passes over (rows, vocab) float32 temporaries, and on the CPU each
 fresh full-size temporary also costs new pages: contrastive decoding's combination for 16 rows of
@@ -36,6 +36,14 @@ def _entropy_rows():
     return fn
 
 
+@functools.cache
+def _jsd_rows():
+    fn = native.load(SOURCE).jsd_rows
+    fn.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3
+    fn.restype = None
+    return fn
+
+
 def _supports(*logits: torch.Tensor) -> bool:
     """CPU (rows, vocab) logits of one shape and dtype, float32 or bfloat16, vocab in whole vectors."""
     z = logits[0]
@@ -66,3 +74,14 @@ def entropy(z: torch.Tensor) -> torch.Tensor | None:
     h = torch.empty(z.shape[0], dtype=torch.float32)
     _entropy_rows()(z.data_ptr(), z.stride(0), h.data_ptr(), z.shape[0], z.shape[1], ELEM_SIZE[z.dtype])
     return h
+
+
+def jsd(z_p: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor | None:
+    """(R, V) logits -> (R,) float32 JSD of their softmaxes in nats, as adacad.jsd computes it up to
+    float32 rounding; None where the C loop cannot run."""
+    if not _supports(z_p, z_q):
+        return None
+    d = torch.empty(z_p.shape[0], dtype=torch.float32)
+    _jsd_rows()(z_p.data_ptr(), z_q.data_ptr(), z_p.stride(0), z_q.stride(0), d.data_ptr(), z_p.shape[0],
+                z_p.shape[1], ELEM_SIZE[z_p.dtype])
+    return d

@@ -7,7 +7,7 @@ import torch
 
 from counterpoint.decoding import SamplingParams
 from counterpoint.decoding import step as decoding_step
-from counterpoint.decoding.combine import acd, contrastive
+from counterpoint.decoding.combine import acd, adacad, contrastive
 from counterpoint.decoding.processing import Row
 from counterpoint.serving.engine.admission import InvalidRequest, admit
 from counterpoint.serving.engine import cpu_combine
@@ -25,9 +25,10 @@ from counterpoint.serving.engine.trunks import tail_name
 logger = logging.getLogger("counterpoint")
 
 # The combine stage's C loops on the CPU (each declines where it cannot run): contrastive decoding's
-# combination, ACD's entropies.
+# combination, ACD's entropies, AdaCAD's divergences.
 contrastive.FUSED["cpu"] = cpu_combine.contrastive
 acd.FUSED["cpu"] = cpu_combine.entropy
+adacad.FUSED["cpu"] = cpu_combine.jsd
 
 
 class Engine:
