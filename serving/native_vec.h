@@ -25,6 +25,13 @@ static inline void load_row(const void *src, vfloat *dst, int64_t n, int64_t ele
     }
 }
 
+/* one vector of LANES bfloat16 or float32 values */
+static inline vfloat load_vec(const void *src, int64_t elem_size) {
+    vfloat v;
+    load_row(src, &v, LANES, elem_size);
+    return v;
+}
+
 static inline uint16_t to_bf16(float x) {
     uint32_t bits;
     memcpy(&bits, &x, sizeof bits);

@@ -29,10 +29,9 @@
 #define LOG_FLOOR -1.0e4f /* as contrastive.py: log-probabilities below it are 0 in float32 anyway */
 #define PROB_FLOOR 1e-9f /* as adacad.py */
 
+/* vector c of a row */
 static inline vfloat at(const char *row, int64_t c, int64_t elem_size) {
-    vfloat v;
-    load_row(row + c * LANES * elem_size, &v, LANES, elem_size);
-    return v;
+    return load_vec(row + c * LANES * elem_size, elem_size);
 }
 
 static float row_max(const char *row, int64_t chunks, int64_t elem_size) {

@@ -13,12 +13,6 @@
 
 #include "../native_vec.h"
 
-static inline vfloat load(const char *p, int64_t elem_size) {
-    vfloat v;
-    load_row(p, &v, LANES, elem_size);
-    return v;
-}
-
 /* float32 -> the nearest bfloat16 (ties to even, NaN kept), still as float32 bits */
 static inline vfloat round_to(vfloat x, int64_t elem_size) { return elem_size == 4 ? x : round_bf16(x); }
 
@@ -42,9 +36,9 @@ void add_rms_norm(const char *x, const char *residual, const char *weight, char 
         vfloat h[chunks], squares = {0};
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t at = r * row_bytes + c * step;
-            vfloat v = load(x + at, elem_size);
+            vfloat v = load_vec(x + at, elem_size);
             if (residual) {
-                v = round_to(v + load(residual + at, elem_size), elem_size);
+                v = round_to(v + load_vec(residual + at, elem_size), elem_size);
                 store(total + at, v, elem_size);
             }
             h[c] = v;
@@ -53,7 +47,7 @@ void add_rms_norm(const char *x, const char *residual, const char *weight, char 
         const float inv = 1.0f / sqrtf(sum_in_order(squares) / (float)dim + eps);
         for (int64_t c = 0; c < chunks; c++) {
             const vfloat normed = round_to(h[c] * inv, elem_size);
-            store(out + r * row_bytes + c * step, round_to(load(weight + c * step, elem_size) * normed, elem_size),
+            store(out + r * row_bytes + c * step, round_to(load_vec(weight + c * step, elem_size) * normed, elem_size),
                   elem_size);
         }
     }
