@@ -4,8 +4,8 @@ row entropies of ACD and AdaCAD's Jensen-Shannon divergences.
 
 The torch code makes several passes over (rows, vocab) float32 temporaries, and on the CPU each
 fresh full-size temporary also costs new pages: contrastive decoding's combination for 16 rows of
-a 49K vocabulary took 5-9 ms of a 45-60 ms step on a 2-core Xeon. The C loops read the logits as
-they come from the lm_head (bfloat16 or float32), keep each row in cache and write the result once.
+a 49K vocabulary took 5-9 ms of a 45-60 ms step on a 2-core Xeon. The C loops read the logits where
+they lie (bfloat16 or float32, no float32 copy first), keep each row in cache and write the result once.
 """
 
 import ctypes
