@@ -1,6 +1,6 @@
 """The combine stage's C loops on the CPU (serving/engine/cpu_combine.c) against the torch code they
-replace (decoding/combine/contrastive.dense, acd.entropy) and against the formulas in float64, and
-the methods taking them only where they apply."""
+replace (decoding/combine/contrastive.dense, acd.entropy, adacad.jsd) and against the formulas in float64,
+and the methods taking them only where they apply."""
 
 import math
 
