@@ -24,16 +24,29 @@ def sample_rows(probs: torch.Tensor, is_greedy: list[bool], generators: list) ->
     NOTE: a seeded request owns its generator, so its draws do not depend on the rest of the batch.
     """
     tokens = probs.max(dim=-1).indices  # NOTE: argmax's first maximum, faster on the CPU
-    unseeded = [i for i, g in enumerate(generators) if g is None and not is_greedy[i]]
-    if unseeded:
-        idx = torch.tensor(unseeded, device=probs.device)
-        tokens[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
-    for gen in {id(g): g for g in generators if g is not None}.values():
-        rows = [i for i, g in enumerate(generators) if g is gen and not is_greedy[i]]
+    sampled = [i for i, greedy in enumerate(is_greedy) if not greedy]
+    if not sampled:
+        return tokens
+    u = torch.empty(len(generators), dtype=torch.float64, device=probs.device)
+    for gen in {id(g): g for g in generators}.values():
+        rows = [i for i in sampled if generators[i] is gen]
         if rows:
-            idx = torch.tensor(rows, device=probs.device)
-            tokens[idx] = torch.multinomial(probs[idx], 1, generator=gen).squeeze(1)
+            u[rows] = torch.rand(len(rows), generator=gen, dtype=torch.float64, device=probs.device)
+    idx = torch.tensor(sampled, device=probs.device)
+    tokens[idx] = _inverse_cdf(probs[idx], u[idx])
     return tokens
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(R, V) probabilities and (R,) uniform draws in [0, 1) -> (R,) tokens: the first whose cumulative
+    probability passes u of the row's total. NOTE: one draw a row, where torch.multinomial draws an
+    exponential for every token (about 1 ms a row of 49K on the CPU)."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    # NOTE: kept below the total, which u·total can round up to: the first sum past the target then
+    # grew there, so its token has probability > 0 (the tokens after the last possible one never do)
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
 
 
 def describe(logq: torch.Tensor, tokens: torch.Tensor, num_top: list[int]) -> list[tuple[float, int, list]]:

@@ -7,6 +7,7 @@ from scipy.stats import chisquare
 from transformers import AutoModelForCausalLM
 
 from counterpoint.decoding import SamplingParams
+from counterpoint.decoding.processing import warp
 from counterpoint.serving import LLM
 
 PROMPT = [5, 17, 33, 100, 7, 9, 11]
@@ -101,3 +102,23 @@ def _pool_rare(observed: torch.Tensor, expected: torch.Tensor, min_expected: flo
     obs = observed[~rare].tolist() + ([observed[rare].sum().item()] if rare.any() else [])
     exp = expected[~rare].tolist() + ([expected[rare].sum().item()] if rare.any() else [])
     return obs, exp
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
+    (0.8, 0, 0.9, 0.0),
+    (1.0, 50, 1.0, 0.0),
+    (1.0, 3000, 0.95, 0.0),
+    (1.2, 0, 0.99, 0.02),
+])
+def test_warp_keeps_what_the_formulas_keep_on_sharp_and_flat_rows(temperature, top_k, top_p, min_p):
+    """warp looks at each row's best tokens first and widens only where the cut lies beyond them: a
+    sharp row stays within the first candidates, a flat one needs the whole vocabulary."""
+    gen = torch.Generator().manual_seed(top_k)
+    flat = torch.randn(8192, generator=gen)
+    sharp = flat * 6
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    for row in (sharp, flat):
+        probs = torch.softmax(warp(row[None].clone(), [params]), dim=-1)[0]
+        expected = reference_distribution(row, temperature, top_k, top_p, min_p)
+        assert torch.equal(probs > 0, expected > 0)
+        torch.testing.assert_close(probs, expected.float(), atol=1e-6, rtol=1e-4)
