@@ -46,7 +46,10 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # NOTE: kept below the total, which u·total can round up to: the first sum past the target then
     # grew there, so its token has probability > 0 (the tokens after the last possible one never do)
     target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    if bool((tokens >= probs.shape[1]).any()):  # NOTE: the tokens go to the host next anyway
+        raise ValueError("a row to sample from has no positive, finite probabilities")
+    return tokens
 
 
 def describe(logq: torch.Tensor, tokens: torch.Tensor, num_top: list[int]) -> list[tuple[float, int, list]]:
