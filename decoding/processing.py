@@ -93,7 +93,9 @@ def warp(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]  # NOTE: any int fits the tensor
     top_p = [p.top_p for p in params]
     cut = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if k < vocab or p < 1]
-    if cut:
+    if len(cut) == len(params):  # NOTE: the common batch, every row cut: no gather and scatter of the rows
+        logits = _top_k_top_p(logits, top_k, top_p)
+    elif cut:
         idx = torch.tensor(cut, device=dev)
         logits[idx] = _top_k_top_p(logits[idx], [top_k[i] for i in cut], [top_p[i] for i in cut])
     if any(p.min_p > 0 for p in params):  # NOTE: decided on the host: no device sync
@@ -122,8 +124,9 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float], wid
     k, p = torch.tensor(top_k, device=dev)[:, None], torch.tensor(top_p, device=dev)[:, None]
     # top-p's probabilities are over what top-k kept: within the candidates where top-k cuts there
     in_top_k = values.masked_fill(_rank(width, dev) >= k, -float("inf"))
-    norm = torch.where(k < vocab, torch.logsumexp(in_top_k, -1, keepdim=True),
-                       torch.logsumexp(logits, -1, keepdim=True))
+    norm = torch.logsumexp(in_top_k, -1, keepdim=True)
+    if max(top_k) >= vocab:  # rows without top-k: over the whole row (a pass the others need not pay for)
+        norm = torch.where(k < vocab, norm, torch.logsumexp(logits, -1, keepdim=True))
     kept = _cut(values, (values - norm).exp(), k, p)
     out = torch.full_like(logits, -float("inf")).scatter_(1, order, kept)
     if width == vocab:
